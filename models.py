@@ -1,0 +1,136 @@
+"""Backbones, projector / predictor heads and the SSL model wrapper.
+
+Backbones are torchvision ResNets (same module names, so `backbone.pth` loads into
+`torchvision.models.resnet50()` with only `fc.*` missing) with two research knobs: a CIFAR stem
+(3x3 stride-1 conv, no max-pool; what every CIFAR SSL recipe uses) and a base width (64 =
+torchvision; 8 or 16 gives the narrow nets that train on a CPU in tests and the demo).
+"""
+import torch
+import torch.nn as nn
+import torchvision.models.resnet as tvr
+
+# ---- backbones ---------------------------------------------------------------------------------
+
+ARCHS = {
+    'resnet18': (tvr.BasicBlock, [2, 2, 2, 2]),
+    'resnet34': (tvr.BasicBlock, [3, 4, 6, 3]),
+    'resnet50': (tvr.Bottleneck, [3, 4, 6, 3]),
+}
+
+
+class ResNet(tvr.ResNet):
+    """torchvision's ResNet with a configurable stem, width and input channels; `fc` is Identity,
+    so forward() returns the pooled features of size `num_features`."""
+
+    def __init__(self, arch='resnet18', cifar_stem=False, width=64, in_chans=3, zero_init_residual=True):
+        if arch not in ARCHS:
+            raise ValueError(f"models: unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
+        nn.Module.__init__(self)  # tvr.ResNet.__init__ hard-codes width 64 and the 7x7 stem
+        block, layers = ARCHS[arch]
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+        self.num_features = width * 8 * block.expansion
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each block starts as identity: the usual SSL/ImageNet default
+            for m in self.modules():
+                last = getattr(m, 'bn3', None) if isinstance(m, tvr.Bottleneck) else getattr(m, 'bn2', None)
+                if isinstance(m, (tvr.Bottleneck, tvr.BasicBlock)):
+                    nn.init.zeros_(last.weight)
+
+
+def build_backbone(arch='resnet18', cifar_stem=False, width=64, in_chans=3):
+    return ResNet(arch, cifar_stem=cifar_stem, width=width, in_chans=in_chans)
+
+
+# ---- heads -------------------------------------------------------------------------------------
+
+def parse_dims(spec):
+    """'2048-2048-256' -> [2048, 2048, 256]; '' -> []."""
+    try:
+        return [int(s) for s in spec.split('-')] if spec else []
+    except ValueError:
+        raise ValueError(f"models: bad layer spec {spec!r}; write widths joined by '-', e.g. 2048-256")
+
+
+class MLP(nn.Sequential):
+    """Linear layers of the widths in `spec` after `in_dim`. Hidden layers: Linear(+BN)+ReLU.
+    `last_bn` puts a BatchNorm (affine-free if `last_bn_affine` is False) after the last Linear;
+    `out_act` 'tanh' ends with tanh (CPLearn's projector: tanh(BN(Linear)))."""
+
+    def __init__(self, in_dim, spec, bn=True, bias=True, last_bn=False, out_act='none'):
+        dims = parse_dims(spec)
+        if not dims:
+            raise ValueError('models: an MLP needs at least one width')
+        layers, d = [], in_dim
+        for i, h in enumerate(dims):
+            last = i == len(dims) - 1
+            use_bn = (bn and not last) or (last and last_bn)
+            layers.append(nn.Linear(d, h, bias=bias and not use_bn))
+            if use_bn:
+                layers.append(nn.BatchNorm1d(h))
+            if not last:
+                layers.append(nn.ReLU(inplace=True))
+            d = h
+        if out_act == 'tanh':
+            layers.append(nn.Tanh())
+        elif out_act != 'none':
+            raise ValueError(f"models: unknown out_act {out_act!r} (none|tanh)")
+        super().__init__(*layers)
+        self.out_dim = d
+
+
+# ---- the SSL model -----------------------------------------------------------------------------
+
+class SSLModel(nn.Module):
+    """backbone -> projector (-> predictor). forward takes views (B, V, C, H, W) and returns a dict
+    of (B, V, ·) tensors: 'feats' (backbone), 'z' (projector), and 'p' (predictor) when present.
+    All B*V views go through the network as one batch (BN statistics over all views)."""
+
+    def __init__(self, backbone, projector=None, predictor=None):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector if projector is not None else nn.Identity()
+        self.predictor = predictor
+
+    def forward(self, views):
+        B, V = views.shape[:2]
+        feats = self.backbone(views.flatten(0, 1))
+        z = self.projector(feats)
+        out = {'feats': feats.view(B, V, -1), 'z': z.view(B, V, -1)}
+        if self.predictor is not None:
+            out['p'] = self.predictor(z).view(B, V, -1)
+        return out
+
+
+def build_model(args):
+    """Build the SSL model from the flags of train_ssl.py (also used by the evaluation stages to
+    rebuild a checkpoint's architecture from its saved args)."""
+    backbone = build_backbone(args.arch, args.cifar_stem, args.width, args.in_chans)
+    projector = None
+    if args.proj_dims:
+        projector = MLP(backbone.num_features, args.proj_dims, bn=args.proj_bn, bias=args.proj_bias,
+                        last_bn=args.proj_last_bn, out_act=args.proj_out_act)
+    predictor = None
+    if getattr(args, 'pred_dims', ''):
+        out_dim = projector.out_dim if projector is not None else backbone.num_features
+        predictor = MLP(out_dim, args.pred_dims, bn=True)
+    return SSLModel(backbone, projector, predictor)

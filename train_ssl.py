@@ -1,0 +1,458 @@
+"""Self-supervised pretraining: any objective of losses.LOSSES on one identical pipeline.
+
+    python train_ssl.py --data_path data/fmnist_train.beton --loss clamp ...            # 1 process
+    torchrun --nproc_per_node=8 train_ssl.py --data_path in1k_train.beton --loss clamp ...
+
+Re-running the same command resumes from OUTPUT_DIR/checkpoint.pth. Every --flag is documented
+in --help; recipes are the shell scripts in scripts/.
+"""
+import argparse
+import copy
+import inspect
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import losses
+import utils
+from models import build_model, ARCHS
+
+# ---- flags -------------------------------------------------------------------------------------
+
+# Help for the loss hyper-parameters that are generated from the signatures in losses.LOSSES.
+LOSS_KW_HELP = {
+    'r_s': 'CLAMP radius scale (SPEC: 7.0 CIFAR, 8.5 ImageNet)',
+    'pot_pow': 'CLAMP potential exponent p',
+    'max_range': 'CLAMP cap on the contact distance sigma_ij',
+    'min_margin': 'CLAMP: pairs closer than this are not counted as contacts',
+    'size_weight': 'CLAMP weight lw0 of the sum of radii (0 = off, as in every official config)',
+    'log_energy': 'CLAMP: optimise log(E + 1e-6) (official) instead of E',
+    'temperature': 'softmax temperature of contrastive losses (SimCLR 0.2; geometric configs use 0.05)',
+    'geometric': 'use geodesic similarity 1 - arccos(u.v)/pi instead of cosine (SPEC 5)',
+    'lmbda': 'MMCR weight of the local nuclear-norm term (0 = official default)',
+    'eps': 'TCR/MCR2 distortion epsilon of the coding rate',
+    'z_weight': 'TCR weight of the view-invariance term',
+    'beta': 'CPLearn weight of the cross-entropy term',
+}
+
+
+def loss_kwargs_spec():
+    """{keyword: {loss_name: default}} over every objective's float/int/bool keywords."""
+    spec = {}
+    for name, fn in losses.LOSSES.items():
+        for p in inspect.signature(fn).parameters.values():
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float)):
+                spec.setdefault(p.name, {})[name] = p.default
+    return spec
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('manifold-ssl pretraining', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default='resnet18', choices=sorted(ARCHS), help='Backbone. (default: %(default)s)')
+    g.add_argument('--cifar_stem', type=utils.str2bool, default=True,
+                   help='3x3 stride-1 first conv and no max-pool: use for inputs <= 64 px (CIFAR, '
+                        'Fashion-MNIST); 0 for ImageNet-size inputs. (default: %(default)s)')
+    g.add_argument('--width', type=int, default=64,
+                   help='Base width of the ResNet (64 = torchvision; 8-16 trains on a CPU). (default: %(default)s)')
+    g.add_argument('--proj_dims', default='2048-256',
+                   help="Projector widths after the backbone, e.g. 2048-256 (CLAMP CIFAR), 8192-8192-512 "
+                        "(ImageNet); '' for none. (default: %(default)s)")
+    g.add_argument('--proj_bn', type=utils.str2bool, default=False,
+                   help='BatchNorm in the projector\'s hidden layers (CLAMP: 0, MMCR/SimCLR/BYOL: 1). (default: %(default)s)')
+    g.add_argument('--proj_bias', type=utils.str2bool, default=True, help='Bias in projector Linear layers '
+                   '(MMCR: 0). (default: %(default)s)')
+    g.add_argument('--proj_last_bn', type=utils.str2bool, default=False,
+                   help='BatchNorm after the last projector layer (CPLearn, Barlow Twins). (default: %(default)s)')
+    g.add_argument('--proj_out_act', default='none', choices=['none', 'tanh'],
+                   help='Activation after the projector (CPLearn: tanh). (default: %(default)s)')
+    g.add_argument('--pred_dims', default='', help="Predictor widths after the projector (BYOL: 4096-256); '' for none.")
+    g.add_argument('--ema', type=utils.str2bool, default=False,
+                   help='Keep an EMA (momentum) copy of backbone+projector as the target branch (BYOL, '
+                        'MoCo v3, MMCR +ME). (default: %(default)s)')
+    g.add_argument('--ema_momentum', type=float, default=0.99, help='EMA momentum at step 0. (default: %(default)s)')
+    g.add_argument('--ema_final', type=float, default=1.0,
+                   help='EMA momentum at the end, reached along a half-cosine (BYOL: 1.0; MMCR +ME uses a '
+                        'constant 0.99: set it equal to --ema_momentum). (default: %(default)s)')
+
+    g = p.add_argument_group('ssl')
+    g.add_argument('--loss', default='clamp', help=f'Objective, one of: {", ".join(losses.LOSSES)}. (default: %(default)s)')
+    g.add_argument('--num_views', type=int, default=2,
+                   help='Views per image V (CLAMP CIFAR 16, MMCR 40, most baselines 2). (default: %(default)s)')
+    g.add_argument('--recipe', default='cifar',
+                   help='Augmentation recipe of data.py (cifar, cifar_strong, imagenet, crop, noise). (default: %(default)s)')
+    g.add_argument('--crop_min_scale', type=float, default=0.08,
+                   help='Lower bound of RandomResizedCrop\'s area scale. (default: %(default)s)')
+    g.add_argument('--cplearn_codes', type=int, default=16384,
+                   help='CPLearn: number c of columns of the fixed random +-1 code matrix. (default: %(default)s)')
+    for kw, per_loss in loss_kwargs_spec().items():
+        d = ', '.join(f'{k} {v}' for k, v in per_loss.items())
+        typ = utils.str2bool if isinstance(next(iter(per_loss.values())), bool) else type(next(iter(per_loss.values())))
+        g.add_argument(f'--{kw}', type=typ if typ is not int else float, default=None,
+                       help=f"{LOSS_KW_HELP.get(kw, 'keyword of the loss')}. Default: the loss's own ({d}).")
+
+    g = p.add_argument_group('optim')
+    g.add_argument('--epochs', type=int, default=100, help='(default: %(default)s)')
+    g.add_argument('--warmup_epochs', type=float, default=10, help='Linear LR warm-up. (default: %(default)s)')
+    g.add_argument('--batch_size', type=int, default=256,
+                   help='GLOBAL batch size in images (each gives --num_views views); must divide by the '
+                        'number of processes. (default: %(default)s)')
+    g.add_argument('--optimizer', default='lars', choices=['lars', 'sgd', 'adamw', 'adam'], help='(default: %(default)s)')
+    g.add_argument('--blr', type=float, default=0.3,
+                   help='Base learning rate per 256 images: lr = blr * batch_size / 256 (CLAMP CIFAR 0.1, '
+                        'SimCLR 0.4). (default: %(default)s)')
+    g.add_argument('--lr', type=float, default=None, help='Absolute learning rate; overrides --blr.')
+    g.add_argument('--min_lr', type=float, default=0.0, help='LR at the end of the cosine. (default: %(default)s)')
+    g.add_argument('--weight_decay', type=float, default=1e-6,
+                   help='Weight decay of >=2-D tensors (CLAMP 1e-6, solo-learn baselines 1e-4). (default: %(default)s)')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD/LARS momentum. (default: %(default)s)')
+    g.add_argument('--lars_eta', type=float, default=1e-3, help='LARS trust coefficient (solo-learn 0.02). (default: %(default)s)')
+    g.add_argument('--lars_clip', type=utils.str2bool, default=False, help='Cap LARS trust ratio at 1 (solo-learn). (default: %(default)s)')
+    g.add_argument('--clip_grad', type=float, default=0.0, help='Max global grad norm, 0 = off. (default: %(default)s)')
+
+    g = p.add_argument_group('eval')
+    g.add_argument('--probe_lr', type=float, default=0.1,
+                   help='LR of the online linear probe (SGD on detached backbone features, its own '
+                        'optimizer; collapse shows within an epoch). (default: %(default)s)')
+    g.add_argument('--knn_every', type=int, default=10,
+                   help='kNN monitor (train bank -> --val_path) every N epochs and at the end; 0 = off. (default: %(default)s)')
+    g.add_argument('--knn_k', type=int, default=20, help='(default: %(default)s)')
+    g.add_argument('--knn_t', type=float, default=0.07, help='(default: %(default)s)')
+    g.add_argument('--diag_batch', type=int, default=256,
+                   help='Images of the held-out batch (from --val_path) on which packing diagnostics are '
+                        'logged every epoch; 0 = off. (default: %(default)s)')
+
+    utils.add_data_args(p)
+    g = utils.add_run_args(p, default_output='runs/ssl')
+    g.add_argument('--ckpt_every_steps', type=int, default=0,
+                   help='Also checkpoint every N steps inside an epoch (resumes at that batch). 0 = only '
+                        'at epoch ends. (default: %(default)s)')
+    g.add_argument('--nan_inject_step', type=int, default=-1, help=argparse.SUPPRESS)  # tests: NaN at this step
+    return p
+
+
+# ---- set-up ------------------------------------------------------------------------------------
+
+def check_args(args, world_size):
+    if args.loss not in losses.LOSSES:
+        utils.fail(f"unknown --loss {args.loss!r}; choose one of: {', '.join(losses.LOSSES)}")
+    if args.batch_size % world_size:
+        utils.fail(f"--batch_size {args.batch_size} does not divide by the {world_size} processes; "
+                   f"use a multiple of {world_size}")
+    if args.num_views < 2 and args.loss != 'align_uniform':
+        utils.fail('--num_views must be >= 2 (each image needs at least two views)')
+    if loss_inputs(args.loss)[0] in ('p', 'q') and not args.pred_dims:
+        utils.fail(f"--loss {args.loss} needs a predictor: pass --pred_dims (e.g. 4096-256)")
+    for kw, per_loss in loss_kwargs_spec().items():
+        if getattr(args, kw) is not None and args.loss not in per_loss:
+            utils.fail(f"--{kw} is not a hyper-parameter of --loss {args.loss} (it belongs to {', '.join(per_loss)})")
+
+
+def loss_inputs(name):
+    """The tensor arguments an objective takes, read off its signature: ('z',), ('z', 'codes'),
+    ('p', 'z_target'), ... — so train_ssl needs no per-method branches."""
+    params = inspect.signature(losses.LOSSES[name]).parameters.values()
+    return tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+
+
+def loss_kwargs(args):
+    return {kw: getattr(args, kw) for kw, per_loss in loss_kwargs_spec().items()
+            if args.loss in per_loss and getattr(args, kw) is not None}
+
+
+class SSLWithProbe(nn.Module):
+    """The SSL model plus the online linear probe, one module so DDP averages both. The probe
+    reads detached backbone features through an affine-free BN (scale-free, so its own LR works
+    for any method)."""
+
+    def __init__(self, model, num_features, num_classes):
+        super().__init__()
+        self.model = model
+        self.probe = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes))
+
+    def forward(self, views):
+        out = self.model(views)
+        out['logits'] = self.probe(out['feats'].detach().flatten(0, 1).float())
+        return out
+
+
+def make_loss_fn(args, teacher):
+    """Return f(out, views) -> loss, dispatching tensors by the objective's parameter names."""
+    fn, kw, names = losses.LOSSES[args.loss], loss_kwargs(args), loss_inputs(args.loss)
+
+    def target_z(out, views):
+        if teacher is None:
+            return out['z'].detach()
+        with torch.no_grad():
+            return teacher(views)['z']
+
+    def compute(out, views, model):
+        tensors = []
+        for n in names:
+            if n in ('z', 'h'):
+                tensors.append(out['z'])
+            elif n in ('p', 'q'):
+                tensors.append(out['p'])
+            elif n in ('z_target', 'k'):
+                tensors.append(target_z(out, views))
+            elif n == 'codes':
+                tensors.append(model.codes)
+            else:
+                raise RuntimeError(f'train_ssl: no rule to feed argument {n!r} of losses.{args.loss}')
+        extra = {}
+        if args.loss == 'mmcr' and teacher is not None:
+            extra['z_momentum'] = target_z(out, views)
+        # losses are computed in float32 outside autocast (SVD/logdet/arccos are not bf16-safe)
+        with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+            return fn(*[t.float() if t.is_floating_point() else t for t in tensors], **kw, **extra)
+    return compute
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+class Preempted(Exception):
+    pass
+
+
+STOP = {'signal': None}
+
+
+def _on_signal(signum, frame):
+    STOP['signal'] = signum  # handled at the next step boundary: save, then exit 3
+
+
+def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, loader, epoch, args, ctx):
+    """One pass over the loader; LR/EMA set per step from the global step. Metrics accumulate on
+    the device and are read every --print_freq steps (no sync per step). Returns a stats dict."""
+    model = utils.unwrap(ddp_model)
+    ddp_model.train()
+    n_iter = len(loader)
+    total = args.epochs * n_iter
+    warm = int(args.warmup_epochs * n_iter)
+    start_it = ctx['start_batch']
+    sums = torch.zeros(3, device=ctx['device'])  # loss, probe correct, probe count
+    nonfinite = torch.zeros((), dtype=torch.bool, device=ctx['device'])
+    t0, seen = time.time(), 0
+    bar = tqdm(total=n_iter, initial=start_it, desc=f'epoch {epoch}', disable=not utils.is_main_process(),
+               dynamic_ncols=True, leave=False)
+    for it, (views, labels) in enumerate(loader.iter_from(start_it) if start_it else loader, start=start_it):
+        step = epoch * n_iter + it
+        lr = utils.cosine_lr(step, total, warm, args.lr, args.min_lr)
+        for gr in optimizer.param_groups:
+            gr['lr'] = lr
+        with ctx['amp']:
+            out = ddp_model(views)
+        loss = loss_fn(out, views, model.model)
+        if step == args.nan_inject_step:
+            loss = loss * float('nan')
+        probe_loss = F.cross_entropy(out['logits'].float(), labels.repeat_interleave(views.shape[1]))
+        optimizer.zero_grad(set_to_none=True)
+        probe_opt.zero_grad(set_to_none=True)
+        scaler.scale(loss + probe_loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.step(probe_opt)
+        scaler.update()
+        if teacher is not None:
+            ema_update(teacher, model.model, utils.cosine_momentum(step, total, args.ema_momentum, args.ema_final))
+
+        with torch.no_grad():
+            nonfinite |= ~torch.isfinite(loss.detach())
+            sums[0] += loss.detach().float()
+            sums[1] += (out['logits'].argmax(1) == labels.repeat_interleave(views.shape[1])).sum()
+            sums[2] += out['logits'].shape[0]
+        seen += 1
+        bar.update(1)
+        last = it == n_iter - 1
+        if it % args.print_freq == 0 or last:
+            if nonfinite.item():
+                utils.fail(f"non-finite loss at or before step {step} (epoch {epoch}, batch {it}); weights "
+                           f"since the last checkpoint are discarded; the last good checkpoint is "
+                           f"{ctx['ckpt_path']} ({'present' if os.path.exists(ctx['ckpt_path']) else 'none yet'}). "
+                           f"Lower --blr, use --dtype float32, or --clip_grad", code=4)
+            bar.set_postfix(loss=f'{sums[0].item() / seen:.4f}', probe=f'{100 * sums[1].item() / max(1, sums[2].item()):.1f}',
+                            lr=f'{lr:.2e}')
+        stop_now = STOP['signal'] is not None
+        if ctx['world_size'] > 1:  # every rank must agree to stop at the same step
+            flag = torch.tensor([float(stop_now)], device=ctx['device'])
+            torch.distributed.all_reduce(flag)
+            stop_now = flag.item() > 0
+        if stop_now or (args.ckpt_every_steps and (step + 1) % args.ckpt_every_steps == 0 and not last):
+            ctx['save'](epoch, it + 1)
+            if stop_now:
+                bar.close()
+                raise Preempted()
+    bar.close()
+    sums = utils.all_reduce_mean(sums)
+    dt = time.time() - t0
+    n_img = seen * views.shape[0] * ctx['world_size']
+    return {'loss': sums[0].item() / max(1, seen), 'probe_acc': 100 * sums[1].item() / max(1, sums[2].item()),
+            'lr': lr, 'images_per_s': n_img / dt, 'time_s': dt}
+
+
+@torch.no_grad()
+def ema_update(teacher, student, m):
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)
+
+
+@torch.no_grad()
+def evaluate(model, args, ctx, epoch, knn):
+    """Packing diagnostics on a fixed held-out batch (V augmented views), and the kNN monitor."""
+    model.eval()
+    stats = {}
+    if ctx['diag_views'] is not None:
+        with ctx['amp']:
+            z = model(ctx['diag_views'])['z'].float()
+        stats.update({f'diag_{k}': v for k, v in losses.clamp_diagnostics(z, r_s=args.r_s or 7.0).items()})
+    if knn and args.val_path:
+        bank = utils.extract_features(model.backbone, ctx['knn_train'], ctx['device'], ctx['amp'])
+        test = utils.extract_features(model.backbone, ctx['knn_val'], ctx['device'], ctx['amp'])
+        res = utils.knn_classify(*bank, *test, ks=(args.knn_k,), T=args.knn_t, num_classes=ctx['num_classes'])
+        stats['knn_top1'], stats['knn_top5'] = res[args.knn_k]
+    model.train()
+    return stats
+
+
+def main(args):
+    rank, world_size, local_rank, device = utils.init_distributed_mode()
+    check_args(args, world_size)
+    info = data.beton_info(args.data_path)
+    if args.val_path:
+        data.beton_info(args.val_path)
+    args.res = args.res or info['resolution']
+    args.channels = args.channels or info['channels']
+    args.in_chans = args.channels
+    args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    utils.prepare_output_dir(args)
+    utils.fix_random_seeds(args.seed + rank)
+    per_rank = args.batch_size // world_size
+    print(f"| world size {world_size} | per-process batch {per_rank} images x {args.num_views} views | "
+          f"global batch {args.batch_size} | base lr {args.blr} per 256 -> lr {args.lr:.4g} | device {device}")
+
+    # model, teacher, probe
+    model = build_model(args)
+    if loss_inputs(args.loss)[1:2] == ('codes',):
+        g = torch.Generator().manual_seed(args.seed)
+        model.register_buffer('codes', losses.make_cplearn_codes(model.projector.out_dim, args.cplearn_codes, g))
+    num_classes = info['num_classes']
+    net = SSLWithProbe(model, model.backbone.num_features, num_classes).to(device)
+    if device.type == 'cuda':
+        net = net.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    teacher = None
+    if args.ema:
+        teacher = copy.deepcopy(net.model)
+        teacher.predictor = None
+        for q in teacher.parameters():
+            q.requires_grad_(False)
+    groups = utils.param_groups(net.model, args.weight_decay)
+    print(f"| params: {utils.count_params(net.model) / 1e6:.2f}M | decayed tensors {len(groups[0]['params'])}, "
+          f"no-decay (ndim<=1) tensors {len(groups[1]['params'])} | optimizer {args.optimizer}")
+    optimizer = utils.build_optimizer(args.optimizer, groups, args.lr, args.momentum, args.lars_eta, args.lars_clip)
+    probe_opt = torch.optim.SGD(net.probe.parameters(), lr=args.probe_lr, momentum=0.9)
+    scaler = utils.make_scaler(args.dtype, device)
+
+    # resume
+    ckpt_path = os.path.join(args.output_dir, 'checkpoint.pth')
+    start_epoch, start_batch = 0, 0
+    if os.path.exists(ckpt_path):
+        ck = utils.load_checkpoint_file(ckpt_path)
+        net.load_state_dict(ck['model'])
+        if teacher is not None:
+            teacher.load_state_dict(ck['teacher'])
+        optimizer.load_state_dict(ck['optimizer'])
+        probe_opt.load_state_dict(ck['probe_opt'])
+        scaler.load_state_dict(ck['scaler'])
+        start_epoch, start_batch = ck['epoch'], ck['batch']
+        if ck.get('rng') and rank < len(ck['rng']):
+            utils.set_rng_state(ck['rng'][rank])
+        print(f"| resumed from {ckpt_path}: epoch {start_epoch}, batch {start_batch}")
+
+    if args.compile:
+        net.compile()
+    ddp_model = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == 'cuda' else None)
+
+    loader = data.build_ssl_loader(args.data_path, per_rank, args.num_views, args.res, recipe=args.recipe,
+                                   channels=args.channels, workers=args.workers, seed=args.seed,
+                                   distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
+                                   scale=(args.crop_min_scale, 1.0))
+    ctx = {'device': device, 'world_size': world_size, 'amp': utils.autocast_ctx(args.dtype, device),
+           'num_classes': num_classes, 'ckpt_path': ckpt_path, 'start_batch': start_batch, 'diag_views': None}
+    if args.val_path and args.diag_batch:
+        diag = data.build_ssl_loader(args.val_path, args.diag_batch, args.num_views, args.res, recipe=args.recipe,
+                                     channels=args.channels, workers=args.workers, seed=args.seed + 12345,
+                                     device=device, drop_last=False, scale=(args.crop_min_scale, 1.0),
+                                     order='sequential')
+        ctx['diag_views'] = next(iter(diag))[0]
+    if args.val_path and args.knn_every:
+        ctx['knn_train'] = data.build_eval_loader(args.data_path, 512, args.res, channels=args.channels,
+                                                  workers=args.workers, device=device, rank=rank, world_size=world_size)
+        ctx['knn_val'] = data.build_eval_loader(args.val_path, 512, args.res, channels=args.channels,
+                                                workers=args.workers, device=device, rank=rank, world_size=world_size)
+    loss_fn = make_loss_fn(args, teacher)
+
+    def save(epoch, batch):
+        rngs = [None] * world_size
+        torch.distributed.all_gather_object(rngs, utils.rng_state())
+        state = {'model': utils.unwrap(ddp_model).state_dict(), 'teacher': teacher.state_dict() if teacher else None,
+                 'optimizer': optimizer.state_dict(), 'probe_opt': probe_opt.state_dict(),
+                 'scaler': scaler.state_dict(), 'epoch': epoch, 'batch': batch, 'rng': rngs, 'args': vars(args)}
+        utils.save_on_master(state, ckpt_path)
+    ctx['save'] = save
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, _on_signal)
+
+    timer = utils.Timer()
+    for epoch in range(start_epoch, args.epochs):
+        loader.set_epoch(epoch)
+        try:
+            train_stats = train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, loader,
+                                          epoch, args, ctx)
+        except Preempted:
+            print(f"| signal {STOP['signal']}: checkpoint saved to {ckpt_path}; re-run the same command to resume")
+            utils.cleanup_distributed()
+            sys.exit(3)
+        ctx['start_batch'] = 0
+        last = epoch == args.epochs - 1
+        knn = bool(args.knn_every) and ((epoch + 1) % args.knn_every == 0 or last)
+        test_stats = evaluate(utils.unwrap(ddp_model).model, args, ctx, epoch, knn)
+        save(epoch + 1, 0)
+        stats = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+                 **{f'test_{k}': v for k, v in test_stats.items()}, 'elapsed_s': timer()}
+        utils.log_stats(args.output_dir, stats)
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
+                 if k in ('epoch', 'train_loss', 'train_probe_acc', 'train_images_per_s', 'test_knn_top1',
+                          'test_diag_nc_acc', 'test_diag_radius', 'test_diag_contacts')}
+        print(json.dumps(shown))
+
+    export_backbone(utils.unwrap(ddp_model).model, args)
+    print(f"| done in {timer() / 60:.1f} min; backbone exported to {os.path.join(args.output_dir, 'backbone.pth')}")
+    utils.cleanup_distributed()
+
+
+def export_backbone(model, args):
+    """backbone.pth: torchvision key names (loads into torchvision.models.resnetXX() with only
+    fc.* missing when the stem is standard) plus the args that rebuild it."""
+    sd = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    utils.save_on_master({'backbone': sd, 'args': vars(args)}, os.path.join(args.output_dir, 'backbone.pth'))
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

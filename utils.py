@@ -1,0 +1,464 @@
+"""Plumbing shared by every stage script: distributed set-up, common flags, optimisers and
+schedules, the run folder (args.json, log.txt, atomic checkpoints), checkpoint loading with key
+checks, and feature extraction + kNN (used by train_ssl's monitor and eval_knn.py)."""
+import argparse
+import builtins
+import datetime
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---- distributed -------------------------------------------------------------------------------
+
+def init_distributed_mode():
+    """Always create a process group: torchrun's env when present, else world size 1 (plain
+    `python`). gloo on CPU, NCCL on GPU. Returns (rank, world_size, local_rank, device)."""
+    if dist.is_initialized():
+        return get_rank(), get_world_size(), int(os.environ.get('LOCAL_RANK', 0)), _device()
+    cuda = torch.cuda.is_available()
+    backend = 'nccl' if cuda else 'gloo'
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    else:
+        local_rank = 0
+        if cuda:
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    _setup_print(get_rank() == 0)
+    return get_rank(), get_world_size(), local_rank, _device()
+
+
+def _device():
+    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def _setup_print(is_master):
+    """print() only on rank 0 (print(..., force=True) everywhere)."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):  # noqa: A001
+        if is_master or kwargs.pop('force', False):
+            kwargs.pop('force', None)
+            builtin_print(*args, **kwargs)
+    builtins.print = print
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x):
+    """Mean of a tensor over ranks (a no-op for world size 1)."""
+    if get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= get_world_size()
+    return x
+
+
+def fail(msg, code=2):
+    """One clear line on stderr and a non-zero exit: how every stage reports bad input."""
+    sys.stderr.write(f"error: {msg}\n")
+    raise SystemExit(code)
+
+
+# ---- shared flags ------------------------------------------------------------------------------
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ('1', 'true', 'yes', 'y', 'on'):
+        return True
+    if v.lower() in ('0', 'false', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected a boolean (1/0, true/false), got {v!r}')
+
+
+def add_run_args(parser, default_output):
+    """Flags every stage shares: output, seed, precision, compile, workers, logging."""
+    g = parser.add_argument_group('run')
+    g.add_argument('--output_dir', default=default_output,
+                   help='Run folder: args.json, log.txt, checkpoint.pth live here. Re-running the same '
+                        'command resumes from its checkpoint.pth. (default: %(default)s)')
+    g.add_argument('--seed', type=int, default=0, help='Global seed; rank r seeds its RNGs with seed + r. '
+                   '(default: %(default)s)')
+    g.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'],
+                   help='Autocast dtype for forward passes. bfloat16 needs no loss scaling and is the '
+                        'recommended choice on Ampere+ GPUs and on CPU; float16 adds a GradScaler; losses '
+                        'are always computed in float32. (default: %(default)s)')
+    g.add_argument('--compile', type=str2bool, default=False,
+                   help='torch.compile the model before the DDP wrap (worth it for runs longer than a few '
+                        'minutes on a GPU; compile time is 1-3 min). (default: %(default)s)')
+    g.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='Data-loading worker threads per process. (default: min(8, cores) = %(default)s)')
+    g.add_argument('--print_freq', type=int, default=50,
+                   help='Read metrics back from the device (a sync) every N steps. (default: %(default)s)')
+    g.add_argument('--force_resume', type=str2bool, default=False,
+                   help='Resume from --output_dir even if its args.json has different hyper-parameters. '
+                        '(default: %(default)s)')
+    return g
+
+
+def add_data_args(parser, need_train=True):
+    g = parser.add_argument_group('data')
+    g.add_argument('--data_path', required=need_train, default=None,
+                   help='Training .beton (write one with `python data.py write ...`).')
+    g.add_argument('--val_path', default=None,
+                   help='Held-out .beton (e.g. the test split) for kNN / probe evaluation.')
+    g.add_argument('--res', type=int, default=None,
+                   help='Input resolution to the model; default: the beton\'s stored resolution.')
+    g.add_argument('--channels', type=int, default=None, choices=[1, 3],
+                   help='Channels fed to the model (grayscale data can be fed as 1 or 3). '
+                        'Default: the stored channels.')
+    return g
+
+
+def autocast_ctx(dtype, device):
+    """One autocast context, built once (nanoGPT): a no-op for float32."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.amp.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def make_scaler(dtype, device):
+    return torch.amp.GradScaler(device.type, enabled=(dtype == 'float16'))
+
+
+def fix_random_seeds(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- optimisation --------------------------------------------------------------------------------
+
+def param_groups(model, weight_decay):
+    """Two groups by tensor rank: ndim <= 1 (biases, norm weights) get no weight decay and no LARS
+    adaptation. Rank, not names: name matching misses e.g. ResNet's downsample BN."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.0, 'lars_exclude': True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in barlowtwins' main.py: SGD with momentum whose update for each
+    weight tensor is scaled by eta * ||w|| / ||g + wd*w||. Groups with lars_exclude=True (1-D
+    params) get plain SGD with momentum and no decay. `clip=True` caps the trust ratio at 1
+    (solo-learn's 'clip_lr')."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      clip=clip, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if not g['lars_exclude']:
+                    dp = dp.add(p, alpha=g['weight_decay'])
+                    p_norm, d_norm = torch.norm(p), torch.norm(dp)
+                    q = torch.where((p_norm > 0) & (d_norm > 0), g['eta'] * p_norm / d_norm,
+                                    torch.ones_like(p_norm))
+                    if g['clip']:
+                        q = q.clamp(max=1.0)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                mu = state['mu']
+                mu.mul_(g['momentum']).add_(dp)
+                p.add_(mu, alpha=-g['lr'])
+
+
+def build_optimizer(name, groups, lr, momentum=0.9, lars_eta=1e-3, lars_clip=False):
+    if name == 'lars':
+        return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta, clip=lars_clip)
+    if name == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == 'adamw':
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == 'adam':  # Adam with L2 (coupled) decay: what MMCR and CPLearn's code use
+        return torch.optim.Adam(groups, lr=lr)
+    fail(f"unknown --optimizer {name!r}; choose lars, sgd, adamw or adam")
+
+
+def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr=0.0):
+    """Linear warm-up from 0 then half-cosine to final_lr, as a pure function of the global step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def cosine_momentum(step, total_steps, base=0.99, final=1.0):
+    """EMA momentum from base to final along a half-cosine (BYOL)."""
+    return final - (final - base) * (math.cos(math.pi * min(1.0, step / max(1, total_steps))) + 1) / 2
+
+
+# ---- run folder ---------------------------------------------------------------------------------
+
+def git_info():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=here, stderr=subprocess.DEVNULL).decode().strip()
+        dirty = bool(subprocess.check_output(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                                             stderr=subprocess.DEVNULL).decode().strip())
+    except Exception:
+        sha, dirty = 'unknown', None
+    return {'git_sha': sha, 'git_dirty': dirty}
+
+
+# Flags that may differ between a run and its resumption without changing the experiment.
+RESUME_FREE = {'output_dir', 'workers', 'print_freq', 'force_resume', 'compile', 'knn_every',
+               'ckpt_every_steps', 'dist_url', 'nan_inject_step'}
+
+
+def prepare_output_dir(args):
+    """Create the run folder and record args.json, the command line and git state. If the folder
+    holds a run with different hyper-parameters, refuse (unless --force_resume)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, 'args.json')
+    if os.path.exists(path) and not args.force_resume:
+        with open(path) as f:
+            old = json.load(f).get('args', {})
+        diff = {k: (old.get(k), v) for k, v in vars(args).items()
+                if k not in RESUME_FREE and k in old and old.get(k) != v}
+        diff.update({k: (old[k], None) for k in old if k not in RESUME_FREE and k not in vars(args)})
+        if diff:
+            shown = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(diff.items())[:6])
+            fail(f"{args.output_dir} holds a run with different hyper-parameters ({shown}); "
+                 f"use another --output_dir, or --force_resume 1 to continue it anyway")
+    if is_main_process():
+        record = {'args': vars(args), 'command': ' '.join(sys.argv), 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+                  **git_info()}
+        atomic_write_text(path, json.dumps(record, indent=2))
+
+
+def atomic_write_text(path, text):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def log_stats(output_dir, stats):
+    """Append one JSON object per line to log.txt (rank 0). stdout is for people; this is for scripts."""
+    if is_main_process():
+        with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
+            f.write(json.dumps(stats) + '\n')
+
+
+def save_on_master(state, path):
+    """torch.save to path.tmp, fsync, then os.replace: a kill mid-save never destroys the last
+    good checkpoint (the rename is atomic on POSIX)."""
+    if not is_main_process():
+        return
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. disk full: keep the previous checkpoint and say so
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"could not write {path} ({e.strerror}); the previous checkpoint is intact")
+
+
+def rng_state():
+    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s['torch'])
+    np.random.set_state(s['numpy'])
+    random.setstate(s['python'])
+    if s.get('cuda') is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s['cuda'])
+
+
+def load_checkpoint_file(path):
+    """torch.load with clear errors for missing or corrupt files."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        fail(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {str(e)[:120]})")
+
+
+# ---- loading backbones for evaluation ------------------------------------------------------------
+
+def resolve_weights(path):
+    """A run folder, a checkpoint.pth or a backbone.pth -> (file, kind). Missing: an error, never a
+    silent fallback to random or downloaded weights."""
+    if os.path.isdir(path):
+        for name, kind in (('checkpoint.pth', 'checkpoint'), ('backbone.pth', 'backbone')):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name), kind
+        fail(f"{path} holds neither checkpoint.pth nor backbone.pth")
+    if not os.path.isfile(path):
+        fail(f"--weights {path} does not exist")
+    return path, 'backbone' if os.path.basename(path).startswith('backbone') else 'checkpoint'
+
+
+def load_pretrained(path, part='backbone', load_weights=True, seed=0):
+    """Rebuild and load a pretrained network from a run folder, checkpoint.pth or backbone.pth,
+    using the architecture flags saved with it. part='backbone' returns the ResNet (features of
+    size num_features); part='projector' returns backbone+projector (needs a checkpoint.pth).
+    load_weights=False builds the same architecture freshly initialised from `seed` (the
+    random-init baseline). Returns (module, saved_args as a Namespace). Key sets are asserted,
+    never silently ignored."""
+    from models import build_backbone, build_model  # utils stays importable without models
+    file, _ = resolve_weights(path)
+    ck = load_checkpoint_file(file)
+    if not isinstance(ck, dict) or 'args' not in ck:
+        fail(f"{file} is not a manifold-ssl checkpoint or backbone file (no 'args' entry)")
+    a = argparse.Namespace(**ck['args'])
+    torch.manual_seed(seed)
+    if part == 'backbone':
+        if 'backbone' in ck:
+            sd = ck['backbone']
+        elif 'model' in ck:
+            sd = {k[len('model.backbone.'):]: v for k, v in ck['model'].items() if k.startswith('model.backbone.')}
+        else:
+            fail(f"{file} holds no model weights")
+        net = build_backbone(a.arch, a.cifar_stem, a.width, a.in_chans)
+    elif part == 'projector':
+        if 'model' not in ck:
+            fail(f"projector features need a checkpoint.pth (full model); {file} holds only a backbone")
+        sd = {k[len('model.'):]: v for k, v in ck['model'].items()
+              if k.startswith('model.') and not k.startswith('model.predictor.') and k != 'model.codes'}
+        model = build_model(argparse.Namespace(**{**vars(a), 'pred_dims': ''}))
+        net = nn.Sequential(model.backbone, model.projector)
+        sd = {k.replace('backbone.', '0.', 1).replace('projector.', '1.', 1): v for k, v in sd.items()}
+    else:
+        raise ValueError(part)
+    if load_weights:
+        load_strict(net, sd, file)
+    return net, a
+
+
+def load_strict(net, sd, source):
+    """Load and assert the key sets: nothing missing, nothing unexpected, shapes equal."""
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad:
+        fail(f"{source} does not match the network it declares (missing {missing[:3]}, unexpected "
+             f"{unexpected[:3]}, shape mismatch {bad[:3]})")
+    net.load_state_dict(sd, strict=True)
+
+
+# ---- features and kNN -------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(net, loader, device, amp):
+    """Features of every sample once, gathered from all ranks in sample-index order (DINO's
+    eval_knn habit). `loader` yields (images, labels, indices); returns (feats, labels) on CPU,
+    identical on every rank."""
+    feats, labels, idxs = [], [], []
+    for x, y, idx in loader:
+        with amp:
+            f = net(x.to(device, non_blocking=True))
+        feats.append(f.float().cpu())
+        labels.append(y.cpu())
+        idxs.append(idx.cpu())
+    feats, labels, idxs = torch.cat(feats), torch.cat(labels), torch.cat(idxs)
+    if get_world_size() > 1:
+        parts = [None] * get_world_size()
+        dist.all_gather_object(parts, (feats, labels, idxs))
+        feats, labels, idxs = (torch.cat([p[i] for p in parts]) for i in range(3))
+    order = torch.argsort(idxs)
+    if not torch.equal(idxs[order], torch.arange(len(idxs))):
+        raise RuntimeError('feature extraction did not see every sample exactly once')
+    return feats[order], labels[order]
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, metric='cosine', weighting='exp',
+                 num_classes=None, chunk=512):
+    """DINO's weighted kNN: top-k neighbours by cosine similarity (or negative euclidean distance)
+    vote with weight exp(s/T) ('exp') or 1 ('uniform'). Returns {k: (top1, top5)} in percent.
+    Ties in similarity are broken by the lower train index (torch.topk is not stable, so we sort)."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    if metric == 'cosine':
+        train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    elif metric != 'euclidean':
+        raise ValueError(f'unknown metric {metric!r}')
+    kmax = min(max(ks), len(train_f))
+    correct = {k: torch.zeros(2) for k in ks}
+    for s in range(0, len(test_f), chunk):
+        q = test_f[s:s + chunk]
+        sim = q @ train_f.T if metric == 'cosine' else -torch.cdist(q, train_f)
+        # stable descending sort: equal similarities keep train order, so results are deterministic
+        sim_sorted, nn_idx = torch.sort(sim, dim=1, descending=True, stable=True)
+        sim_sorted, nn_idx = sim_sorted[:, :kmax], nn_idx[:, :kmax]
+        nn_y = train_y[nn_idx]
+        for k in ks:
+            kk = min(k, kmax)
+            w = (sim_sorted[:, :kk] / T).exp() if weighting == 'exp' else torch.ones_like(sim_sorted[:, :kk])
+            votes = torch.zeros(len(q), num_classes).scatter_add_(1, nn_y[:, :kk], w)
+            # vote ties -> the lower class index (a stable sort; topk's tie order is unspecified)
+            top = torch.sort(votes, dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)]
+            yt = test_y[s:s + chunk, None]
+            correct[k][0] += (top[:, :1] == yt).any(1).sum()
+            correct[k][1] += (top == yt).any(1).sum()
+    n = len(test_f)
+    return {k: (100.0 * c[0].item() / n, 100.0 * c[1].item() / n) for k, c in correct.items()}
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.time()
+
+    def __call__(self):
+        return time.time() - self.t0
+
+
+def count_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile (state-dict keys without module./_orig_mod.)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, '_orig_mod', model)
