@@ -137,7 +137,12 @@ def get_args_parser():
     g.add_argument('--ckpt_every_steps', type=int, default=0,
                    help='Also checkpoint every N steps inside an epoch (resumes at that batch). 0 = only '
                         'at epoch ends. (default: %(default)s)')
-    g.add_argument('--nan_inject_step', type=int, default=-1, help=argparse.SUPPRESS)  # tests: NaN at this step
+    g.add_argument('--stop_at_epoch', type=int, default=None,
+                   help='Checkpoint and exit before this epoch, leaving the schedule of --epochs intact: '
+                        'splits a long run over several time-limited jobs (re-run to continue).')
+    # test hooks: a NaN loss at this global step; SIGTERM to ourselves at this step
+    g.add_argument('--nan_inject_step', type=int, default=-1, help=argparse.SUPPRESS)
+    g.add_argument('--signal_at_step', type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
 
@@ -255,6 +260,8 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
         loss = loss_fn(out, views, model.model)
         if step == args.nan_inject_step:
             loss = loss * float('nan')
+        if step == args.signal_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
         probe_loss = F.cross_entropy(out['logits'].float(), labels.repeat_interleave(views.shape[1]))
         optimizer.zero_grad(set_to_none=True)
         probe_opt.zero_grad(set_to_none=True)
@@ -334,7 +341,7 @@ def main(args):
     info = data.beton_info(args.data_path)
     if args.val_path:
         data.beton_info(args.val_path)
-    args.res = args.res or info['resolution']
+    args.res = args.res or max(info['resolution'])
     args.channels = args.channels or info['channels']
     args.in_chans = args.channels
     args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
@@ -421,6 +428,10 @@ def main(args):
 
     timer = utils.Timer()
     for epoch in range(start_epoch, args.epochs):
+        if args.stop_at_epoch is not None and epoch >= args.stop_at_epoch:
+            print(f"| --stop_at_epoch {args.stop_at_epoch}: stopping; re-run without it to continue")
+            utils.cleanup_distributed()
+            return
         loader.set_epoch(epoch)
         try:
             train_stats = train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, loader,

@@ -244,7 +244,8 @@ def git_info():
 
 # Flags that may differ between a run and its resumption without changing the experiment.
 RESUME_FREE = {'output_dir', 'workers', 'print_freq', 'force_resume', 'compile', 'knn_every',
-               'ckpt_every_steps', 'dist_url', 'nan_inject_step'}
+               'ckpt_every_steps', 'stop_at_epoch', 'nan_inject_step', 'signal_at_step', 'load_features',
+               'dump_features'}
 
 
 def prepare_output_dir(args):
@@ -303,13 +304,17 @@ def save_on_master(state, path):
 
 
 def rng_state():
-    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+    """All RNG states as tensors and plain types, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            'python': random.getstate(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):
     torch.set_rng_state(s['torch'])
-    np.random.set_state(s['numpy'])
+    name, keys, pos, has_gauss, gauss = s['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s['python'])
     if s.get('cuda') is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s['cuda'])

@@ -1,0 +1,1128 @@
+"""Datasets -> FFCV .beton files, and the FFCV loaders that feed training and evaluation.
+
+Write once, read many times:
+
+    python data.py write --dataset fashion_mnist --root data/fashion_mnist --split train \
+        --out data/fmnist_train.beton
+    python data.py info data/fmnist_train.beton
+
+Every beton gets a sidecar `FILE.beton.json` (classes, channels, resolution, per-channel
+mean/std used for normalisation, source) whose last key `complete` is written last; readers
+call `beton_info()`, which refuses missing, truncated or mismatched files with one clear line.
+
+Readers:
+- `build_ssl_loader(...)` -> `SSLLoader`: `for views, labels in loader` gives views
+  (B, V, C, H, W) float32, normalised, on `device`; V independent augmentations per image.
+- `build_eval_loader(...)` -> `EvalLoader`: `for images, labels, indices in loader`,
+  deterministic resize + centre crop, every sample of the (sharded) set exactly once.
+
+How the SSL pipeline splits the work (SPEC §7):
+1. CPU, inside FFCV (numba): `DecodeViews` decodes each stored image ONCE and cuts all V
+   random-resized crops (non-square, torchvision's algorithm) + horizontal flips from it.
+   Its random numbers are a counter-based hash of (seed + rank, epoch, sample index, view),
+   so the crops do not depend on thread scheduling, batch composition, or skipped batches.
+2. Device, in torch (`ViewAugment`): colour jitter (random order per image, as
+   torchvision), grayscale, Gaussian blur, solarize, with per-view random parameters drawn
+   on the CPU from a generator seeded by (seed + rank, epoch, batch index).
+3. Normalisation with the sidecar's mean/std.
+"""
+import argparse
+import gzip
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import struct
+import time
+from dataclasses import dataclass, replace
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cv2
+from ffcv.fields import IntField, NDArrayField, RGBImageField
+from ffcv.fields.basics import IntDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.pipeline_spec import PipelineSpec
+from ffcv.pipeline.state import State
+from ffcv.reader import Reader
+from ffcv.transforms import ToDevice, ToTensor
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.types import HeaderType
+from ffcv.writer import DatasetWriter
+
+SIDECAR_VERSION = 1
+DATASETS = ('fashion_mnist', 'mnist', 'imagefolder', 'cifar10', 'cifar100', 'stl10', 'cifar10_npz')
+RECIPES = ('cifar', 'cifar_strong', 'imagenet', 'crop', 'noise')
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+FASHION_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                   'Sneaker', 'Bag', 'Ankle boot']
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+# ---- sources: indexable datasets the writer reads ----------------------------------------------
+# Each source returns (image uint8 (H, W, C), label int). The writer's worker processes call
+# __getitem__ once per sample; the shared accumulator there gives exact mean/std of everything
+# written without a second decoding pass.
+
+class _Stats:
+    """Shared (across forked writer workers) sums of pixel values, per channel and of luma.
+
+    Layout of the 10 doubles: images, pixels, sum[3], sumsq[3], gray sum, gray sumsq.
+    For 1-channel data only channel 0 and the gray slots are used (they are equal).
+    """
+    def __init__(self):
+        self.acc = mp.Array('d', 10)
+
+    def add(self, img):
+        x = img.astype(np.float32)
+        npix = x.shape[0] * x.shape[1]
+        flat = x.reshape(npix, x.shape[2])
+        s = flat.sum(0, dtype=np.float64)
+        sq = np.einsum('ij,ij->j', flat, flat, dtype=np.float64)
+        if x.shape[2] == 3:
+            g = flat @ np.asarray(GRAY_WEIGHTS, np.float32)
+        else:
+            g = flat[:, 0]
+        gs, gsq = g.sum(dtype=np.float64), np.dot(g.astype(np.float64), g)
+        with self.acc.get_lock():
+            a = self.acc
+            a[0] += 1
+            a[1] += npix
+            for c in range(x.shape[2]):
+                a[2 + c] += s[c]
+                a[5 + c] += sq[c]
+            a[8] += gs
+            a[9] += gsq
+
+    def result(self, channels):
+        a = np.array(self.acc[:])
+        n = max(a[1], 1.0)
+        mean = a[2:2 + channels] / n
+        std = np.sqrt(np.maximum(a[5:5 + channels] / n - mean ** 2, 0.0))
+        gmean = a[8] / n
+        gstd = math.sqrt(max(a[9] / n - gmean ** 2, 0.0))
+        r = lambda v: [round(float(t), 4) for t in np.atleast_1d(v)]
+        return dict(images_seen=int(a[0]), mean=r(mean), std=r(std), gray_mean=r(gmean)[0],
+                    gray_std=r(gstd)[0])
+
+
+def fit_max_side(img, max_res):
+    """Shrink (never enlarge) so that max(H, W) <= max_res; INTER_AREA like ffcv's writer."""
+    if max_res is None or max(img.shape[:2]) <= max_res:
+        return img
+    h, w = img.shape[:2]
+    ratio = max_res / max(h, w)
+    size = (max(1, int(w * ratio)), max(1, int(h * ratio)))
+    out = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+class _Source:
+    """Base: `load(i)` gives the raw image (H, W) or (H, W, 3); labels/classes set by subclass."""
+    channels = 3
+    labels = None
+    classes = None
+
+    def __init__(self, max_res):
+        self.max_res = max_res
+        self.stats = _Stats()
+        self.indices = None  # set by the writer (limit); maps beton index -> source index
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = int(self.indices[k])
+        img = self.load(i)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        img = fit_max_side(np.ascontiguousarray(img), self.max_res)
+        self.stats.add(img)
+        if self.store_channels == 3 and img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)  # gray stored in an RGB (jpg) field
+        return np.ascontiguousarray(img), int(self.labels[i])
+
+
+class ArraySource(_Source):
+    """In-memory uint8 images: (N, H, W) gray or (N, H, W, 3) RGB."""
+    def __init__(self, images, labels, classes, max_res):
+        super().__init__(max_res)
+        self.images, self.labels, self.classes = images, np.asarray(labels), list(classes)
+        self.channels = 1 if images.ndim == 3 else 3
+
+    def load(self, i):
+        return self.images[i]
+
+
+class FileSource(_Source):
+    """Image files (ImageFolder layout), decoded with PIL and converted to RGB."""
+    def __init__(self, paths, labels, classes, max_res):
+        super().__init__(max_res)
+        self.paths, self.labels, self.classes = paths, np.asarray(labels), list(classes)
+
+    def load(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            return np.asarray(im.convert('RGB'))
+
+
+class JpegBytesSource(_Source):
+    """JPEG files concatenated in one uint8 array with offsets (the cifar10_jpeg75.npz layout)."""
+    def __init__(self, blob, offsets, labels, classes, max_res):
+        super().__init__(max_res)
+        self.blob, self.offsets = blob, offsets
+        self.labels, self.classes = np.asarray(labels), list(classes)
+
+    def load(self, i):
+        buf = self.blob[self.offsets[i]:self.offsets[i + 1]]
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if img is None:
+            raise SystemExit(f"data: image {i} of the npz is not a decodable JPEG")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# ---- source loaders, one per --dataset ----
+
+def _read_idx(path):
+    """Read an IDX file (.gz or plain) into a numpy array (uint8 images or labels)."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack('>HBB', raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise SystemExit(f"data: {path} is not a uint8 IDX file (magic {raw[:4].hex()})")
+    shape = struct.unpack('>' + 'I' * ndim, raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise SystemExit(f"data: {path} is truncated ({data.size} of {int(np.prod(shape))} values)")
+    return data.reshape(shape)
+
+
+def _idx_source(name, root, split, max_res):
+    prefix = {'train': 'train', 'test': 't10k'}.get(split)
+    if prefix is None:
+        raise SystemExit(f"data: --split for {name} is train or test, not {split!r}")
+    files = []
+    for kind in ('images-idx3-ubyte', 'labels-idx1-ubyte'):
+        cands = [os.path.join(root, f'{prefix}-{kind}{ext}') for ext in ('.gz', '')]
+        found = [c for c in cands if os.path.exists(c)]
+        if not found:
+            raise SystemExit(f"data: {cands[0]} is missing — for {name} put the IDX files in "
+                             f"--root (scripts/setup.sh fetches Fashion-MNIST)")
+        files.append(found[0])
+    images, labels = _read_idx(files[0]), _read_idx(files[1])
+    if len(images) != len(labels):
+        raise SystemExit(f"data: {files[0]} has {len(images)} images but {files[1]} "
+                         f"{len(labels)} labels")
+    classes = FASHION_CLASSES if name == 'fashion_mnist' else [str(d) for d in range(10)]
+    return ArraySource(images, labels, classes, max_res)
+
+
+def _torchvision_source(name, root, split, max_res):
+    import torchvision
+    try:
+        if name in ('cifar10', 'cifar100'):
+            if split not in ('train', 'test'):
+                raise SystemExit(f"data: --split for {name} is train or test, not {split!r}")
+            cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+            ds = cls(root, train=split == 'train', download=False)
+            return ArraySource(np.asarray(ds.data), ds.targets, ds.classes, max_res)
+        if split not in ('train', 'test', 'unlabeled', 'train+unlabeled'):
+            raise SystemExit(f"data: --split for stl10 is train, test, unlabeled or "
+                             f"train+unlabeled, not {split!r}")
+        ds = torchvision.datasets.STL10(root, split=split, download=False)
+        images = np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1))  # (N, 3, 96, 96) -> HWC
+        return ArraySource(images, ds.labels, ds.classes, max_res)
+    except RuntimeError as e:
+        cls_name = {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100', 'stl10': 'STL10'}[name]
+        raise SystemExit(f"data: {name} not found under {root} ({e}) — download it once with "
+                         f"`python -c \"import torchvision; torchvision.datasets.{cls_name}"
+                         f"('{root}', download=True)\"`")
+
+
+def _imagefolder_source(root, split, max_res):
+    base = os.path.join(root, split)
+    if not os.path.isdir(base):
+        raise SystemExit(f"data: {base} is not a folder — imagefolder expects "
+                         f"--root/<split>/<class>/<image>, e.g. --root imagenet --split train")
+    classes = sorted(d.name for d in os.scandir(base) if d.is_dir())
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(base, cls), followlinks=True)):
+            for n in sorted(names):
+                if n.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, n))
+                    labels.append(label)
+    if not paths:
+        raise SystemExit(f"data: no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}/<class>/")
+    return FileSource(paths, labels, classes, max_res)
+
+
+def _npz_source(root, split, max_res):
+    path = root if root.endswith('.npz') else os.path.join(root, 'cifar10_jpeg75.npz')
+    if not os.path.exists(path):
+        raise SystemExit(f"data: {path} is missing — cifar10_npz takes --root FILE.npz "
+                         f"(layout: {{split}}_jpeg, {{split}}_offsets, {{split}}_labels, classes)")
+    if split not in ('train', 'test'):
+        raise SystemExit(f"data: --split for cifar10_npz is train or test, not {split!r}")
+    z = np.load(path)
+    return JpegBytesSource(z[f'{split}_jpeg'], z[f'{split}_offsets'], z[f'{split}_labels'],
+                           [str(c) for c in z['classes']], max_res)
+
+
+def open_source(dataset, root, split, max_res=None):
+    """The indexable source for `dataset` (see DATASETS) at `root`, split `split`."""
+    if dataset in ('fashion_mnist', 'mnist'):
+        return _idx_source(dataset, root, split, max_res)
+    if dataset in ('cifar10', 'cifar100', 'stl10'):
+        return _torchvision_source(dataset, root, split, max_res)
+    if dataset == 'imagefolder':
+        return _imagefolder_source(root, split, max_res)
+    if dataset == 'cifar10_npz':
+        return _npz_source(root, split, max_res)
+    raise SystemExit(f"data: unknown --dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+
+
+def limit_indices(n, limit):
+    """Evenly spaced subset of range(n) of size `limit` (covers all classes of sorted data)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return (np.arange(limit, dtype=np.int64) * n) // limit
+
+
+# ---- writer + sidecar ------------------------------------------------------------------------
+
+def sidecar_path(path):
+    return str(path) + '.json'
+
+
+def _write_json_atomic(path, obj):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality=90,
+                num_workers=4, limit=None):
+    """Convert one split of a dataset to `out` (.beton) + `out.json` sidecar; returns the sidecar.
+
+    fmt: 'raw' (exact pixels; 1-channel data stored as an NDArrayField (H, W, 1), 3-channel as
+    an RGBImageField) or 'jpg' (RGBImageField, JPEG at `jpeg_quality`; gray data is stored as
+    3 equal channels). max_res shrinks images so the longer side is <= max_res (raw 1-channel
+    data needs a fixed size, so it is resized to a square). limit keeps an evenly spaced subset.
+    The beton is written under a temporary name and renamed at the end; the sidecar's
+    `complete` flag is written last, so an interrupted write is always detectable.
+    """
+    if fmt not in ('raw', 'jpg'):
+        raise SystemExit(f"data: --format is raw or jpg, not {fmt!r}")
+    src = open_source(dataset, root, split, max_res)
+    n_all = len(src.labels)
+    src.indices = limit_indices(n_all, limit)
+    gray_raw = src.channels == 1 and fmt == 'raw'
+    src.store_channels = 1 if gray_raw else 3
+    if gray_raw:
+        h, w = fit_max_side(np.ascontiguousarray(src.load(0))[:, :, None], max_res).shape[:2]
+        image_field = NDArrayField(np.dtype('u1'), (h, w, 1))
+    else:
+        image_field = RGBImageField(write_mode=fmt, max_resolution=None, jpeg_quality=jpeg_quality)
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    for stale in (out, sidecar_path(out)):
+        if os.path.exists(stale):
+            os.remove(stale)  # a half-replaced pair must never look valid
+    tmp = f'{out}.tmp{os.getpid()}'
+    t0 = time.time()
+    writer = DatasetWriter(tmp, {'image': image_field, 'label': IntField()},
+                           num_workers=max(1, num_workers))
+    writer.from_indexed_dataset(src, chunksize=64)
+    stats = src.stats.result(src.channels)
+    if stats.pop('images_seen') != len(src):
+        os.remove(tmp)
+        raise SystemExit(f"data: writer saw fewer images than {len(src)} — a worker failed; "
+                         f"see the error above")
+    reader = Reader(tmp)
+    md = reader.metadata['f0']
+    if gray_raw:
+        res = [int(h), int(w)]
+        min_res = res
+    else:
+        res = [int(md['height'].max()), int(md['width'].max())]
+        min_res = [int(md['height'].min()), int(md['width'].min())]
+    os.replace(tmp, out)
+    info = dict(
+        version=SIDECAR_VERSION,
+        source=dict(dataset=dataset, root=os.path.abspath(root), split=split, limit=limit,
+                    source_samples=n_all),
+        num_samples=len(src),
+        num_classes=len(src.classes),
+        classes=src.classes,
+        channels=src.channels,
+        resolution=res,
+        min_resolution=min_res,
+        storage=fmt,
+        image_field='ndarray' if gray_raw else 'rgb',
+        jpeg_quality=jpeg_quality if fmt == 'jpg' else None,
+        max_res=max_res,
+        **stats,
+        stats_note='mean/std in [0,255] over all written images, after max_res resizing and '
+                   'before JPEG encoding',
+        beton_bytes=os.path.getsize(out),
+        write_seconds=round(time.time() - t0, 1),
+        complete=True,
+    )
+    _write_json_atomic(sidecar_path(out), info)
+    return info
+
+
+def _write_hint(path):
+    return (f"write it with `python data.py write --dataset NAME --root DIR --split SPLIT "
+            f"--out {path}`")
+
+
+def beton_info(path):
+    """The validated sidecar of `path` as a dict; SystemExit with one line if anything is off."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise SystemExit(f"data: {path} is missing — {_write_hint(path)}")
+    side = sidecar_path(path)
+    if not os.path.exists(side):
+        raise SystemExit(f"data: {side} (the sidecar of {path}) is missing — the beton was not "
+                         f"written by data.py or its write was interrupted; {_write_hint(path)}")
+    try:
+        with open(side) as f:
+            info = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"data: {side} is not valid JSON ({e}) — {_write_hint(path)}")
+    if info.get('complete') is not True:
+        raise SystemExit(f"data: {side} is marked incomplete (interrupted write) — "
+                         f"{_write_hint(path)}")
+    size = os.path.getsize(path)
+    if size != info.get('beton_bytes'):
+        raise SystemExit(f"data: {path} has {size} bytes but its sidecar says "
+                         f"{info.get('beton_bytes')} (truncated or replaced) — {_write_hint(path)}")
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    if len(header) != 1 or int(header[0]['num_samples']) != info['num_samples']:
+        raise SystemExit(f"data: {path} header disagrees with its sidecar's num_samples "
+                         f"{info['num_samples']} — {_write_hint(path)}")
+    info['path'] = path
+    return info
+
+
+def norm_stats(info, channels):
+    """(mean, std) tensors of shape (channels,) in [0, 1] units for normalising model inputs."""
+    if channels == 1:
+        mean, std = [info['gray_mean']], [info['gray_std']]
+    elif info['channels'] == 1:
+        mean, std = info['mean'] * 3, info['std'] * 3
+    else:
+        mean, std = info['mean'], info['std']
+    return (torch.tensor(mean, dtype=torch.float32) / 255.0,
+            torch.tensor(std, dtype=torch.float32).clamp_min(1e-3) / 255.0)
+
+
+# ---- counter-based random numbers for the numba crop op --------------------------------------
+# numba's np.random inside prange gives each thread its own stream, so which sample receives
+# which crop depends on scheduling: not reproducible. A hash of (key, sample, view, draw) is a
+# pure function, identical with the compiler on or off, in any thread, after any skip.
+
+_U = np.uint64
+
+
+@numba.njit(cache=True)
+def _mix64(x):
+    """splitmix64 finaliser: a bijective avalanche on uint64."""
+    x = (x ^ (x >> _U(30))) * _U(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U(27))) * _U(0x94D049BB133111EB)
+    return x ^ (x >> _U(31))
+
+
+@numba.njit(cache=True)
+def _epoch_key(seed, epoch):
+    """Per-(seed + rank, epoch) key: int64 in, uint64 out."""
+    return _mix64(_mix64(_U(seed) + _U(0x9E3779B97F4A7C15)) ^ _U(epoch))
+
+
+@numba.njit(cache=True)
+def _uniform(key, sample, view, draw):
+    """Uniform float64 in [0, 1) from (key, sample index, view index, draw number)."""
+    h = _mix64(key ^ _mix64(_U(sample) * _U(0xD1B54A32D192ED03) + _U(view) * _U(0x8CB92BA72F3D8DD7)
+                            + _U(draw)))
+    return (h >> _U(11)) * (1.0 / 9007199254740992.0)
+
+
+_FLIP_DRAW = 30  # draws 0..19: crop attempts, 20/21: crop position, 30: flip
+
+
+@numba.njit(cache=True)
+def _rrc_box(key, sample, view, h, w, smin, smax, log_rmin, log_rmax):
+    """torchvision RandomResizedCrop box (top, left, height, width): area fraction uniform in
+    [smin, smax], log aspect ratio uniform; 10 tries, then the centre crop of clamped ratio.
+    Width and height are drawn separately, so crops are not square in general."""
+    area = h * w
+    for t in range(10):
+        target = area * (smin + (smax - smin) * _uniform(key, sample, view, 2 * t))
+        ratio = math.exp(log_rmin + (log_rmax - log_rmin) * _uniform(key, sample, view, 2 * t + 1))
+        cw = int(round(math.sqrt(target * ratio)))
+        ch = int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            i = int(_uniform(key, sample, view, 20) * (h - ch + 1))
+            j = int(_uniform(key, sample, view, 21) * (w - cw + 1))
+            return i, j, ch, cw
+    in_ratio = w / h
+    if in_ratio < math.exp(log_rmin):
+        cw = w
+        ch = int(round(w / math.exp(log_rmin)))
+    elif in_ratio > math.exp(log_rmax):
+        ch = h
+        cw = int(round(h * math.exp(log_rmax)))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+@numba.njit(cache=True)
+def _center_box(h, w, ratio):
+    """Centred square of side ratio * min(h, w): the resize + centre-crop of evaluation."""
+    c = max(1, int(ratio * min(h, w)))
+    return (h - c) // 2, (w - c) // 2, c, c
+
+
+# ---- ffcv operation: decode once, cut V views ------------------------------------------------
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """Compiler.compile(fn) once per process and compiler mode: the dispatchers stay alive, which
+    saves a recompile per loader and avoids numba's noisy KeyError when they are collected."""
+    k = (fn, Compiler.is_enabled)
+    if k not in _COMPILED:
+        _COMPILED[k] = Compiler.compile(fn)
+    return _COMPILED[k]
+
+
+class DecodeViews(Operation):
+    """FFCV decoder: decode each image once, cut `num_views` crops resized to (res, res).
+
+    Output per sample: uint8 (num_views, res, res, 3) (1-channel storage is expanded to 3).
+    mode 'random': RandomResizedCrop(scale, ratio) + horizontal flip p=`flip_prob`, per view;
+    mode 'center': centred square of side `center_ratio` * min(H, W) (num_views copies).
+    `view_offset` shifts the view index fed to the hash, so V single-view ops (the re-decoding
+    layout of stock FFCV, kept for benchmarks) cut exactly the crops of one V-view op.
+    The epoch enters through a tiny int64 buffer that `SSLLoader` fills when an epoch's memory
+    is allocated (global arrays are compile-time constants in numba, so it cannot be a global).
+    Memory: like ffcv's own RandomResizedCrop decoder, a per-sample (max H * max W * 3) scratch
+    buffer for JPEG/gray storage, times (batches_ahead + 2) * batch_size.
+    """
+    def __init__(self, res, num_views=1, mode='random', scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 flip_prob=0.5, center_ratio=1.0, seed=0, view_offset=0):
+        super().__init__()
+        if mode not in ('random', 'center'):
+            raise ValueError(f"DecodeViews mode is 'random' or 'center', not {mode!r}")
+        self.res, self.num_views, self.mode = int(res), int(num_views), mode
+        self.scale, self.ratio, self.flip_prob = tuple(scale), tuple(ratio), float(flip_prob)
+        self.center_ratio, self.seed, self.view_offset = float(center_ratio), int(seed), int(view_offset)
+
+    def declare_state_and_memory(self, previous_state):
+        f = self.field
+        if isinstance(f, NDArrayField):
+            if f.dtype != np.uint8 or len(f.shape) != 3 or f.shape[2] != 1:
+                raise ValueError(f"DecodeViews reads uint8 (H, W, 1) arrays, got {f.dtype} {f.shape}")
+            self._gray, (h, w) = True, f.shape[:2]
+            scratch = h * w * 3
+        elif isinstance(f, RGBImageField):
+            self._gray = False
+            h, w = int(self.metadata['height'].max()), int(self.metadata['width'].max())
+            any_jpg = bool((self.metadata['mode'] == 0).any())
+            scratch = h * w * 3 if any_jpg else 1
+        else:
+            raise ValueError(f"DecodeViews reads RGBImageField or NDArrayField, not {type(f).__name__}")
+        out = (self.num_views, self.res, self.res, 3)
+        u1 = np.dtype('<u1')
+        return (replace(previous_state, jit_mode=True, shape=out, dtype=u1),
+                (AllocationQuery(out, u1), AllocationQuery((scratch,), u1),
+                 AllocationQuery((1,), np.dtype('<i8'))))
+
+    def generate_code(self):
+        mem_read, my_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_c = _compiled(imdecode), _compiled(resize_crop)
+        V, offset, seed = self.num_views, self.view_offset, self.seed
+        random_mode, flip_prob, center_ratio = self.mode == 'random', self.flip_prob, self.center_ratio
+        smin, smax = float(self.scale[0]), float(self.scale[1])
+        lrmin, lrmax = math.log(self.ratio[0]), math.log(self.ratio[1])
+        gray = self._gray
+        gh, gw = (int(self.field.shape[0]), int(self.field.shape[1])) if gray else (0, 0)
+
+        def cut_views(img, out, key, s, h, w):
+            """img (h, w, 3) -> out (V, res, res, 3): one crop (+ flip) per view."""
+            for v in range(V):
+                view = offset + v
+                if random_mode:
+                    i, j, ch, cw = _rrc_box(key, s, view, h, w, smin, smax, lrmin, lrmax)
+                else:
+                    i, j, ch, cw = _center_box(h, w, center_ratio)
+                o = out[v]
+                resize_c(img, i, i + ch, j, j + cw, o)
+                if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
+                    o[:] = o[:, ::-1].copy()
+
+        cut = Compiler.compile(cut_views)
+
+        # Two decoders, because numba types both sides of an `if` and the metadata differ:
+        # NDArrayField stores a bare pointer per sample, RGBImageField a record.
+        if gray:
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                dst, scratch, epoch_buf = my_storage
+                key = _epoch_key(seed, epoch_buf[0, 0])
+                for b in my_range(len(batch_indices)):
+                    s = np.int64(batch_indices[b])
+                    plane = mem_read(metadata[s], storage_state).reshape(gh, gw)
+                    img = scratch[b][:gh * gw * 3].reshape(gh, gw, 3)
+                    for c in range(3):
+                        img[:, :, c] = plane
+                    cut(img, dst[b], key, s, gh, gw)
+                return dst[:len(batch_indices)]
+        else:
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                dst, scratch, epoch_buf = my_storage
+                key = _epoch_key(seed, epoch_buf[0, 0])
+                for b in my_range(len(batch_indices)):
+                    s = np.int64(batch_indices[b])
+                    field = metadata[s]
+                    data = mem_read(field['data_ptr'], storage_state)
+                    h, w = np.int64(field['height']), np.int64(field['width'])
+                    if field['mode'] == 0:  # jpg: decode into this sample's scratch buffer
+                        buf = scratch[b]
+                        imdecode_c(data, buf, h, w, h, w, 0, 0, 1, 1, False, False)
+                        img = buf[:h * w * 3].reshape(h, w, 3)
+                    else:
+                        img = data.reshape(h, w, 3)
+                    cut(img, dst[b], key, s, h, w)
+                return dst[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+def _fill_epoch_buffers(loader, ops, get_epoch):
+    """Wrap the loader graph's per-epoch memory allocation so that every DecodeViews op's
+    epoch buffer holds the current epoch before the epoch's worker thread starts."""
+    graph = loader.graph
+    original = graph.allocate_memory
+    node_ids = [node.id for op in ops for node in graph.operation_to_node[op]]
+
+    def allocate_memory(batch_size, batches_ahead):
+        memory = original(batch_size, batches_ahead)
+        for nid in node_ids:
+            memory['operation'][nid][2][...] = get_epoch()
+        return memory
+
+    graph.allocate_memory = allocate_memory
+
+
+# ---- traversal order: same permutation on every rank, then a strided shard ------------------
+
+class ShardedOrder(TraversalOrder):
+    """Epoch e's order: permutation by np.random.default_rng(seed + e) (identical on every rank
+    and to ffcv's RANDOM order at world_size 1), padded by wrapping to a multiple of world_size
+    like torch's DistributedSampler, then rank::world_size. Needs no process group."""
+    def __init__(self, shuffle, rank, world_size):
+        self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
+
+    def __call__(self, loader):  # ffcv instantiates a custom order by calling it with the loader
+        super().__init__(loader)
+        return self
+
+    def sample_order(self, epoch):
+        idx = self.indices
+        if self.shuffle:
+            idx = np.random.default_rng(self.seed + epoch).permutation(idx)
+        per_rank = -(-len(idx) // self.world_size)
+        pad = per_rank * self.world_size - len(idx)
+        if pad:
+            idx = np.concatenate([idx, idx[:pad]])
+        return idx[self.rank::self.world_size]
+
+
+# ---- ViewAugment: batched per-image colour augmentations in torch ---------------------------
+
+@dataclass(frozen=True)
+class ColourSpec:
+    """One view type's colour augmentation; probabilities are per view, exact."""
+    jitter: tuple = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue strengths
+    jitter_prob: float = 0.0
+    gray_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    noise_std: float = 0.0
+
+
+def recipe_specs(recipe, blur_prob=0.0, noise_std=0.1):
+    """View types of a recipe: a list of ColourSpec; view v uses spec v % len(list)."""
+    if recipe in ('cifar', 'cifar_strong'):
+        j = (0.4, 0.4, 0.4, 0.1) if recipe == 'cifar' else (0.8, 0.8, 0.8, 0.2)
+        return [ColourSpec(j, 0.8, 0.2, blur_prob)]
+    if blur_prob:
+        raise ValueError(f"blur_prob is a flag of the cifar recipes; recipe {recipe!r} "
+                         f"fixes its own blur")
+    if recipe == 'imagenet':  # BYOL's asymmetric pair, alternated over the V views
+        j = (0.4, 0.4, 0.2, 0.1)
+        return [ColourSpec(j, 0.8, 0.2, blur_prob=1.0, solarize_prob=0.0),
+                ColourSpec(j, 0.8, 0.2, blur_prob=0.1, solarize_prob=0.2)]
+    if recipe == 'crop':
+        return [ColourSpec()]
+    if recipe == 'noise':
+        return [ColourSpec(noise_std=noise_std)]
+    raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+
+
+def _gray(x):
+    """(N, 3, H, W) -> (N, 1, H, W) luma (torchvision weights)."""
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(a, b, f):
+    return (f * a + (1 - f) * b).clamp_(0, 1)
+
+
+def adjust_brightness(x, f):
+    return _blend(x, torch.zeros_like(x), f)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, _gray(x), f)
+
+
+def adjust_hue(x, f):
+    """Rotate hue by f (in turns, f in [-0.5, 0.5]) through HSV, per image. x (N, 3, H, W)."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                    torch.zeros_like(maxc))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    h = (h + f.view(-1, 1, 1)) % 1.0
+    v = maxc
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    fr = h6 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * fr), v * (1 - s * (1 - fr))
+    # sextant table: (r, g, b) per i
+    rr = torch.stack([v, q, p, p, t, v], 0).gather(0, i.unsqueeze(0)).squeeze(0)
+    gg = torch.stack([t, v, v, q, p, p], 0).gather(0, i.unsqueeze(0)).squeeze(0)
+    bb = torch.stack([p, p, t, v, v, q], 0).gather(0, i.unsqueeze(0)).squeeze(0)
+    return torch.stack([rr, gg, bb], 1)
+
+
+def gaussian_blur(x, sigma, max_sigma=2.0):
+    """Separable Gaussian blur with a per-image sigma (N,), reflect padding; kernel radius
+    ceil(3 * max_sigma) (capped below the image size), weights normalised per image."""
+    n, c, h, w = x.shape
+    radius = min(int(math.ceil(3 * max_sigma)), h - 1, w - 1)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, K)
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode='reflect')
+    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def solarize(x):
+    return torch.where(x >= 0.5, 1.0 - x, x)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+class ViewAugment(torch.nn.Module):
+    """Per-view colour augmentations of a (B, V, 3, H, W) batch in [0, 1], on its device.
+
+    View v has type v % len(specs) (the 'imagenet' recipe alternates A: blur 1.0 / no solarize
+    and B: blur 0.1 / solarize 0.2). Every random choice is per view, drawn on the CPU from
+    `generator` (so CPU and GPU runs see the same parameters and no device sync is needed),
+    then applied to the chosen subsets only. Colour jitter follows torchvision's ColorJitter:
+    factors uniform in [max(0, 1 - s), 1 + s] (hue in [-s, s]), the four ops in a random
+    order per image, each clamped to [0, 1].
+    """
+    def __init__(self, specs):
+        super().__init__()
+        self.specs = list(specs)
+
+    def view_types(self, num_views):
+        return [v % len(self.specs) for v in range(num_views)]
+
+    @staticmethod
+    def sample_params(n, spec, generator=None):
+        """Random parameters for n views of one type; dict of CPU tensors of leading size n."""
+        g = generator
+        u = lambda *shape: torch.rand(*shape, generator=g)
+        b, c, s, h = spec.jitter
+        lo_hi = [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s),
+                 (-h, h)]
+        factors = torch.stack([lo + (hi - lo) * u(n) for lo, hi in lo_hi], 1)
+        lo, hi = spec.blur_sigma
+        return dict(
+            jitter=u(n) < spec.jitter_prob,
+            factors=factors,                       # (n, 4): brightness, contrast, saturation, hue
+            order=torch.argsort(u(n, 4), dim=1),   # (n, 4): op applied at step k
+            gray=u(n) < spec.gray_prob,
+            blur=u(n) < spec.blur_prob,
+            sigma=lo + (hi - lo) * u(n),
+            solarize=u(n) < spec.solarize_prob,
+        )
+
+    @staticmethod
+    def apply(x, p, spec, generator=None):
+        """Apply sampled params p to x (n, 3, H, W) in [0, 1]; returns a new tensor."""
+        x = x.clone()
+        dev = x.device
+        active = lambda mask: mask.nonzero().squeeze(1)  # CPU: no device sync
+        if spec.jitter_prob > 0:
+            for k in range(4):
+                for op in range(4):
+                    sel = active(p['jitter'] & (p['order'][:, k] == op))
+                    if sel.numel():
+                        f = p['factors'][sel, op].to(dev, non_blocking=True)
+                        sd = sel.to(dev, non_blocking=True)
+                        f = f if op == 3 else f.view(-1, 1, 1, 1)
+                        x[sd] = _JITTER_OPS[op](x[sd], f)
+        for name, fn in (('gray', lambda y, s: _gray(y).expand_as(y)),
+                         ('blur', lambda y, s: gaussian_blur(y, s.to(dev), spec.blur_sigma[1])),
+                         ('solarize', lambda y, s: solarize(y))):
+            sel = active(p[name])
+            if sel.numel():
+                sd = sel.to(dev, non_blocking=True)
+                x[sd] = fn(x[sd], p['sigma'][sel])
+        if spec.noise_std > 0:
+            x = x + spec.noise_std * torch.randn(x.shape, device=dev, generator=generator)
+        return x
+
+    def forward(self, x, generator=None, noise_generator=None):
+        """x (B, V, 3, H, W) float in [0, 1] -> same shape, each view augmented independently."""
+        B, V = x.shape[:2]
+        out = torch.empty_like(x)
+        types = self.view_types(V)
+        for t, spec in enumerate(self.specs):
+            vs = [v for v in range(V) if types[v] == t]
+            if not vs:
+                continue
+            xs = x[:, vs].reshape(B * len(vs), *x.shape[2:])
+            p = self.sample_params(B * len(vs), spec, generator)
+            ys = self.apply(xs, p, spec, noise_generator)
+            out[:, vs] = ys.view(B, len(vs), *x.shape[2:])
+        return out
+
+
+# ---- shared loader plumbing -------------------------------------------------------------------
+
+def _mix_seed(*parts):
+    """64-bit mix of integers in Python (torch generator seeds; no numba needed)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _ffcv_loader(path, batch_size, workers, order, seed, indices, pipelines, drop_last):
+    """An ffcv Loader, keeping the caller's torch thread count (ffcv's Compiler.set_num_threads
+    also calls torch.set_num_threads(workers) in the calling thread)."""
+    threads = torch.get_num_threads()
+    try:
+        return Loader(path, batch_size=batch_size, num_workers=workers, order=order, seed=seed,
+                      indices=indices, pipelines=pipelines, drop_last=drop_last)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _image_pipeline_tail(device):
+    device = torch.device(device)
+    return [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type != 'cpu' else [])
+
+
+def _start_epoch(loader, order):
+    """Start ffcv's EpochIterator over an explicit `order` (ffcv's Loader.__iter__ minus its own
+    epoch bookkeeping). The worker thread starts now and prepares batches ahead."""
+    threads = torch.get_num_threads()
+    Compiler.set_num_threads(loader.num_workers)
+    torch.set_num_threads(threads)
+    return EpochIterator(loader, order)
+
+
+def _drain(it):
+    """Yield from an EpochIterator, closing its worker thread even when the consumer stops."""
+    try:
+        yield from it
+    finally:
+        it.close()
+
+
+def _to_float_images(x):
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1], contiguous."""
+    nd = x.dim()
+    perm = list(range(nd - 3)) + [nd - 1, nd - 3, nd - 2]
+    return x.permute(*perm).float().div_(255.0).contiguous()
+
+
+def _finish(x, channels, mean, std):
+    """(..., 3, H, W) in [0, 1] -> channel selection (luma when channels=1) + normalisation."""
+    if channels == 1:
+        x = (GRAY_WEIGHTS[0] * x[..., 0:1, :, :] + GRAY_WEIGHTS[1] * x[..., 1:2, :, :]
+             + GRAY_WEIGHTS[2] * x[..., 2:3, :, :])
+    shape = [1] * (x.dim() - 3) + [channels, 1, 1]
+    return (x - mean.view(shape)) / std.view(shape)
+
+
+def _check_common(info, res, channels, workers, batch_size):
+    if channels not in (1, 3):
+        raise ValueError(f"channels is 1 or 3, not {channels}")
+    if res < 1 or batch_size < 1 or workers < 1:
+        raise ValueError(f"res, batch_size and workers must be >= 1 (got {res}, {batch_size}, "
+                         f"{workers})")
+
+
+# ---- SSL loader --------------------------------------------------------------------------------
+
+class SSLLoader:
+    """Multi-view SSL batches: `for views, labels in loader`.
+
+    views: float32 (B, V, C, H, W) normalised, on `device`; labels: int64 (B,) on `device`.
+    `len(loader)`: batches per epoch on this rank. Each `iter()` runs epoch `loader.epoch` and
+    then advances it; `set_epoch(e)` after a resume makes the next epoch e (order AND crops).
+    `iter_from(k)` starts epoch `loader.epoch` at batch k without reading batches < k (free:
+    every random choice is keyed on (seed + rank, epoch, sample or batch index)), giving the
+    same batches k, k+1, ... as an uninterrupted epoch. `state_dict()` records (epoch, next
+    batch) as the consumer has seen them; `load_state_dict()` makes the next iter() resume there.
+    """
+    def __init__(self, loader, ops, info, batch_size, num_views, res, channels, device, seed,
+                 rank, augment, mean, std):
+        self._loader, self._ops, self.info = loader, ops, info
+        self.batch_size, self.num_views, self.res, self.channels = batch_size, num_views, res, channels
+        self.device, self.seed, self.rank = torch.device(device), seed, rank
+        self.augment, self.mean, self.std = augment, mean.to(self.device), std.to(self.device)
+        self.epoch, self._resume_batch = 0, 0
+        self._position = (0, 0)
+        self._running_epoch = 0
+        self._names = list(loader.pipeline_specs)
+        _fill_epoch_buffers(loader, ops, lambda: self._running_epoch)
+
+    def __len__(self):
+        return len(self._loader)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def state_dict(self):
+        return {'epoch': self._position[0], 'batch': self._position[1]}
+
+    def load_state_dict(self, state):
+        self.epoch, self._resume_batch = int(state['epoch']), int(state['batch'])
+
+    def __iter__(self):
+        start, self._resume_batch = self._resume_batch, 0
+        return self.iter_from(start)
+
+    def iter_from(self, batch_index):
+        """Iterator over epoch `self.epoch` from batch `batch_index`; advances `self.epoch`."""
+        epoch, n = self.epoch, len(self)
+        if not 0 <= batch_index <= n:
+            raise ValueError(f"iter_from: batch_index {batch_index} outside [0, {n}]")
+        order = self._loader.traversal_order.sample_order(epoch)[:n * self.batch_size]
+        self._running_epoch = epoch  # read by the epoch-buffer hook when the iterator allocates
+        batches = _drain(_start_epoch(self._loader, order[batch_index * self.batch_size:]))
+        self.epoch = epoch + 1
+        return self._generate(batches, epoch, batch_index)
+
+    def _generate(self, batches, epoch, first):
+        aug_seed = self.seed + self.rank
+        dev = self.device
+        for k, out in enumerate(batches, start=first):
+            named = dict(zip(self._names, out))
+            if 'image' in named and len(self._ops) == 1:
+                x = named['image']
+            else:  # one re-decoding pipeline per view (benchmark layout)
+                x = torch.cat([named['image']] + [named[f'view{v}'] for v in range(1, self.num_views)], 1)
+            labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
+            x = _to_float_images(x.to(dev, non_blocking=True))  # (B, V, 3, H, W) in [0, 1]
+            if x.shape[1] != self.num_views:  # 'noise' recipe: one decoded view, V noisy copies
+                x = x.expand(-1, self.num_views, -1, -1, -1)
+            gen = torch.Generator().manual_seed(_mix_seed(aug_seed, epoch, k))
+            noise_gen = torch.Generator(device=dev).manual_seed(_mix_seed(aug_seed, epoch, k, 1))
+            x = self.augment(x, gen, noise_gen)
+            views = _finish(x, self.channels, self.mean, self.std)
+            self._position = (epoch, k + 1)
+            yield views, labels
+        self._position = (epoch + 1, 0)
+
+
+def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=3, workers=2,
+                     seed=0, distributed=False, rank=0, world_size=1, device='cpu',
+                     drop_last=True, scale=(0.08, 1.0), order='random', blur_prob=0.0,
+                     noise_std=0.1, decode_once=True):
+    """Multi-view SSL loader over a beton written by `write_beton` (see `SSLLoader`).
+
+    batch_size: images per rank per batch (each with num_views views); res: output side;
+    recipe: one of RECIPES (SPEC §7); channels: 1 or 3 given to the model (1 = luma);
+    workers: CPU threads of ffcv; seed: the same on every rank (order), augmentations use
+    seed + rank; distributed/rank/world_size: strided shard of one shared permutation
+    (distributed=True is required when world_size > 1); scale: RandomResizedCrop area range;
+    order: 'random' or 'sequential'; blur_prob: blur p for the cifar recipes (σ in [0.1, 2]);
+    noise_std: σ of the 'noise' recipe in [0, 1] pixel units; decode_once=False re-decodes the
+    image for every view as stock FFCV does (same crops; for benchmarks only).
+    """
+    info = beton_info(path)
+    _check_common(info, res, channels, workers, batch_size)
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    if world_size > 1 and not distributed:
+        raise ValueError(f"world_size {world_size} > 1 needs distributed=True")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    if order not in ('random', 'sequential'):
+        raise ValueError(f"order is 'random' or 'sequential', not {order!r}")
+    specs = recipe_specs(recipe, blur_prob, noise_std)
+    aug_seed = seed + rank
+    tail = _image_pipeline_tail(device)
+    if recipe == 'noise':
+        ops = [DecodeViews(res, 1, mode='center', flip_prob=0.0, seed=aug_seed)]
+    elif decode_once:
+        ops = [DecodeViews(res, num_views, scale=scale, seed=aug_seed)]
+    else:
+        ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v) for v in range(num_views)]
+    pipelines = {'image': PipelineSpec('image', decoder=ops[0], transforms=list(tail)),
+                 'label': [IntDecoder()] + _image_pipeline_tail(device)}
+    for v, op in enumerate(ops[1:], start=1):
+        pipelines[f'view{v}'] = PipelineSpec('image', decoder=op, transforms=_image_pipeline_tail(device))
+    traversal = ShardedOrder(order == 'random', rank, world_size)
+    loader = _ffcv_loader(path, batch_size, workers, traversal, seed, None, pipelines, drop_last)
+    mean, std = norm_stats(info, channels)
+    return SSLLoader(loader, ops, info, batch_size, num_views, res, channels, device, seed, rank,
+                     ViewAugment(specs), mean, std)
+
+
+# ---- evaluation loader --------------------------------------------------------------------------
+
+class EvalLoader:
+    """Deterministic sequential batches: `for images, labels, indices in loader`.
+
+    images: float32 (B, C, res, res) normalised on `device`; labels, indices: int64 (B,) on
+    `device` (indices = sample index in the beton, for index-aware gathers). This rank's
+    samples are the contiguous slice `loader.indices`; over all ranks every sample appears
+    exactly once. No drop_last.
+    """
+    def __init__(self, loader, op, info, indices, batch_size, channels, device, mean, std):
+        self._loader, self._op, self.info, self.indices = loader, op, info, indices
+        self.batch_size, self.channels, self.device = batch_size, channels, torch.device(device)
+        self.mean, self.std = mean.to(self.device), std.to(self.device)
+        self.num_samples = len(indices)
+        self._names = list(loader.pipeline_specs)
+        _fill_epoch_buffers(loader, [op], lambda: 0)
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __iter__(self):
+        dev = self.device
+        batches = _drain(_start_epoch(self._loader, self._loader.traversal_order.sample_order(0)))
+        for k, out in enumerate(batches):
+            named = dict(zip(self._names, out))
+            labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
+            x = _to_float_images(named['image'].to(dev, non_blocking=True))[:, 0]
+            idx = torch.from_numpy(self.indices[k * self.batch_size:k * self.batch_size + len(labels)])
+            yield _finish(x, self.channels, self.mean, self.std), labels, idx.to(dev, torch.int64)
+
+
+def build_eval_loader(path, batch_size, res, channels=3, workers=2, device='cpu', rank=0,
+                      world_size=1, resize_ratio=None, norm_from=None):
+    """Evaluation loader (see `EvalLoader`): centred square of side resize_ratio * min(H, W),
+    resized to res. resize_ratio None: 1.0 when the stored images are already res x res
+    (CIFAR, Fashion-MNIST at native size: identity), else 0.875 (ImageNet's 256 -> 224).
+    norm_from: beton whose sidecar mean/std normalise (pass the TRAIN beton when reading a
+    test set, so both use the same statistics); default `path` itself."""
+    info = beton_info(path)
+    _check_common(info, res, channels, workers, batch_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    if resize_ratio is None:
+        resize_ratio = 1.0 if info['resolution'] == [res, res] == info['min_resolution'] else 0.875
+    if not 0 < resize_ratio <= 1:
+        raise ValueError(f"resize_ratio must be in (0, 1], got {resize_ratio}")
+    indices = np.array_split(np.arange(info['num_samples'], dtype=np.int64), world_size)[rank]
+    op = DecodeViews(res, 1, mode='center', flip_prob=0.0, center_ratio=resize_ratio)
+    pipelines = {'image': PipelineSpec('image', decoder=op, transforms=_image_pipeline_tail(device)),
+                 'label': [IntDecoder()] + _image_pipeline_tail(device)}
+    loader = _ffcv_loader(path, batch_size, workers, OrderOption.SEQUENTIAL, 0,
+                          indices.astype(np.uint64), pipelines, drop_last=False)
+    mean, std = norm_stats(beton_info(norm_from) if norm_from else info, channels)
+    return EvalLoader(loader, op, info, indices, batch_size, channels, device, mean, std)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def get_args_parser():
+    p = argparse.ArgumentParser('data.py: write and inspect .beton files', add_help=True)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    w = sub.add_parser('write', help='convert a dataset split to FILE.beton + FILE.beton.json')
+    w.add_argument('--dataset', required=True, choices=DATASETS,
+                   help='source format: IDX .gz (fashion_mnist, mnist), ImageNet-style folders '
+                        '(imagefolder), torchvision folders already downloaded (cifar10, '
+                        'cifar100, stl10) or the JPEG npz (cifar10_npz)')
+    w.add_argument('--root', required=True,
+                   help='folder of the dataset (for cifar10_npz: the .npz file)')
+    w.add_argument('--split', default='train',
+                   help='train | test (IDX, CIFAR, npz); train | test | unlabeled | '
+                        'train+unlabeled (stl10); the sub-folder name for imagefolder (train, val)')
+    w.add_argument('--out', required=True, help='output FILE.beton (sidecar FILE.beton.json)')
+    w.add_argument('--format', default='raw', choices=('raw', 'jpg'),
+                   help='raw: exact pixels, fastest to read (default; right for images <= 64 px); '
+                        'jpg: ~5-10x smaller, decoded every epoch (ImageNet-size data)')
+    w.add_argument('--max_res', type=int, default=None,
+                   help='shrink images so the longer side is <= this (default: keep). '
+                        'ImageNet: 256-512 (ffcv uses ~500 with --format jpg)')
+    w.add_argument('--jpeg_quality', type=int, default=90, help='JPEG quality for --format jpg')
+    w.add_argument('--num_workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='writer processes (default min(8, CPUs))')
+    w.add_argument('--limit', type=int, default=None,
+                   help='keep N evenly spaced samples (quick tests); default all')
+    i = sub.add_parser('info', help='validate a beton and print its sidecar')
+    i.add_argument('path')
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.cmd == 'write':
+        info = write_beton(args.dataset, args.root, args.split, args.out, fmt=args.format,
+                           max_res=args.max_res, jpeg_quality=args.jpeg_quality,
+                           num_workers=args.num_workers, limit=args.limit)
+        print(f"wrote {args.out}: {info['num_samples']} samples, {info['num_classes']} classes, "
+              f"{info['channels']} channel(s), max {info['resolution']}, "
+              f"{info['beton_bytes'] / 2 ** 20:.1f} MiB, mean {info['mean']} std {info['std']}")
+    else:
+        print(json.dumps(beton_info(args.path), indent=1))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,145 @@
+"""End-to-end CLI runs of train_ssl.py -> eval_knn.py on a tiny beton (CPU, narrow ResNet)."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+PY = sys.executable
+TINY = ['--arch', 'resnet18', '--width', '4', '--proj_dims', '32-16', '--batch_size', '16', '--num_views', '2',
+        '--recipe', 'crop', '--workers', '1', '--print_freq', '2', '--dtype', 'float32', '--optimizer', 'sgd',
+        '--blr', '0.05', '--warmup_epochs', '0', '--knn_every', '1', '--knn_k', '5', '--diag_batch', '16']
+
+
+def write_idx(path, arr, magic):
+    with gzip.open(path, 'wb') as f:
+        f.write(magic.to_bytes(4, 'big'))
+        for s in arr.shape:
+            f.write(int(s).to_bytes(4, 'big'))
+        f.write(arr.astype(np.uint8).tobytes())
+
+
+def make_idx_dataset(root, n_train=64, n_test=32, seed=0):
+    """Two classes a kNN separates easily: bright top half vs bright bottom half, with noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', n_train), ('t10k', n_test)):
+        y = np.arange(n) % 2
+        x = rng.integers(0, 60, size=(n, 28, 28))
+        for i in range(n):
+            if y[i]:
+                x[i, 14:] += 180
+            else:
+                x[i, :14] += 180
+        write_idx(os.path.join(root, f'{split}-images-idx3-ubyte.gz'), x, 2051)
+        write_idx(os.path.join(root, f'{split}-labels-idx1-ubyte.gz'), y, 2049)
+
+
+# numba's first compile of the ffcv pipelines costs 15-120 s per process; tiny runs go faster as
+# plain Python (results are identical: the augmentation RNG does not depend on the JIT)
+ENV = {**os.environ, 'NUMBA_DISABLE_JIT': '1'}
+
+
+def run(args, check=True, **kw):
+    p = subprocess.run([PY] + args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope='module')
+def betons(tmp_path_factory):
+    d = tmp_path_factory.mktemp('tiny')
+    make_idx_dataset(str(d))
+    out = {}
+    for split in ('train', 'test'):
+        out[split] = str(d / f'{split}.beton')
+        run(['data.py', 'write', '--dataset', 'fashion_mnist', '--root', str(d), '--split', split, '--out', out[split]])
+    return out
+
+
+def ssl_cmd(betons, out_dir, epochs=2, extra=()):
+    return ['train_ssl.py', '--data_path', betons['train'], '--val_path', betons['test'], '--output_dir', str(out_dir),
+            '--epochs', str(epochs), '--loss', 'clamp'] + TINY + list(extra)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.txt')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_then_knn(betons, tmp_path):
+    out = tmp_path / 'ssl'
+    run(ssl_cmd(betons, out))
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [0, 1]
+    assert all(np.isfinite(r['train_loss']) for r in log)
+    assert 'test_knn_top1' in log[-1] and 'test_diag_nc_acc' in log[-1] and 'test_diag_contacts' in log[-1]
+    ck = torch.load(out / 'checkpoint.pth', weights_only=False)
+    assert ck['epoch'] == 2 and ck['batch'] == 0 and isinstance(ck['args'], dict)
+    torch.load(out / 'checkpoint.pth', weights_only=True)  # plain types only: loads under weights_only
+    rec = json.load(open(out / 'args.json'))
+    assert rec['args']['loss'] == 'clamp' and rec['git_sha']
+    # eval_knn from the run folder and from backbone.pth agree
+    r1 = run(['eval_knn.py', '--weights', str(out), '--data_path', betons['train'], '--val_path', betons['test'],
+              '--output_dir', str(tmp_path / 'knn1'), '--ks', '1', '5', '--workers', '1'])
+    r2 = run(['eval_knn.py', '--weights', str(out / 'backbone.pth'), '--data_path', betons['train'],
+              '--val_path', betons['test'], '--output_dir', str(tmp_path / 'knn2'), '--ks', '1', '5', '--workers', '1'])
+    a, b = (json.load(open(tmp_path / d / 'results.json')) for d in ('knn1', 'knn2'))
+    assert a['top1_k5'] == b['top1_k5'] and a['num_test'] == 32 and a['num_train'] == 64
+    assert '32 test samples' in r1.stdout
+    # the kNN monitor inside training measures the same thing as eval_knn at k=5, T=0.07
+    assert log[-1]['test_knn_top1'] == pytest.approx(a['top1_k5'], abs=1e-6)
+
+
+def test_resume_continues_from_saved_epoch(betons, tmp_path):
+    out = tmp_path / 'ssl'
+    run(ssl_cmd(betons, out, epochs=3, extra=['--knn_every', '0']) + ['--stop_at_epoch', '1'], check=False)
+    assert [r['epoch'] for r in read_log(out)] == [0]
+    p = run(ssl_cmd(betons, out, epochs=3, extra=['--knn_every', '0']))
+    assert 'resumed from' in p.stdout and 'epoch 1' in p.stdout
+    assert [r['epoch'] for r in read_log(out)] == [0, 1, 2]
+
+
+def test_sigterm_saves_and_resumes_mid_epoch(betons, tmp_path):
+    out = tmp_path / 'ssl'
+    cmd = ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--diag_batch', '0'])
+    p = run(cmd + ['--signal_at_step', '1'], check=False)
+    assert p.returncode == 3, p.stderr[-2000:]
+    ck = torch.load(out / 'checkpoint.pth', weights_only=False)
+    assert (ck['epoch'], ck['batch']) == (0, 2)
+    p = run(cmd)
+    assert 'epoch 0, batch 2' in p.stdout
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--loss', 'nope'], 'unknown --loss'),
+    (['--data_path', '/nonexistent/x.beton'], 'x.beton'),
+    (['--blr', '0.3'], 'different hyper-parameters'),
+])
+def test_bad_input_is_one_clear_line(betons, tmp_path, flags, message):
+    out = tmp_path / 'ssl'
+    run(ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--diag_batch', '0']))
+    before = os.path.getmtime(out / 'checkpoint.pth')
+    p = run(ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--diag_batch', '0'] + flags), check=False)
+    assert p.returncode != 0 and message in p.stderr
+    assert 'Traceback' not in p.stderr
+    assert os.path.getmtime(out / 'checkpoint.pth') == before
+
+
+def test_nonfinite_loss_stops_with_message(betons, tmp_path):
+    p = run(ssl_cmd(betons, tmp_path / 'ssl', epochs=1, extra=['--knn_every', '0', '--nan_inject_step', '1']),
+            check=False)
+    assert p.returncode == 4 and 'non-finite loss' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_eval_rejects_wrong_weights(betons, tmp_path):
+    p = run(['eval_knn.py', '--weights', str(tmp_path / 'missing'), '--data_path', betons['train'],
+             '--val_path', betons['test'], '--output_dir', str(tmp_path / 'k')], check=False)
+    assert p.returncode != 0 and 'does not exist' in p.stderr and 'Traceback' not in p.stderr
