@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import cv2
 from ffcv.fields import IntField, NDArrayField, RGBImageField
 from ffcv.fields.basics import IntDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
@@ -312,6 +312,24 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+def _page_size(src, fmt):
+    """Smallest power-of-two page (>= ffcv's 2 MiB minimum) holding two of the largest samples.
+    Each writer worker leaves its last page partly empty, so small pages keep small betons small;
+    for image files of unknown size without --max_res, 8 MiB (jpg) or 32 MiB (raw)."""
+    if isinstance(src, ArraySource):
+        biggest = int(np.prod(src.images.shape[1:])) * 3
+    elif isinstance(src, JpegBytesSource):
+        biggest = int(np.diff(src.offsets).max()) * 20  # decoded raw is ~10-20x the JPEG
+    elif src.max_res is not None:
+        biggest = src.max_res ** 2 * 3
+    else:
+        biggest = (8 if fmt == 'jpg' else 32) << 19
+    page = 1 << 21
+    while page < 2 * biggest:
+        page <<= 1
+    return page
+
+
 def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality=90,
                 num_workers=4, limit=None):
     """Convert one split of a dataset to `out` (.beton) + `out.json` sidecar; returns the sidecar.
@@ -343,7 +361,7 @@ def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality
     tmp = f'{out}.tmp{os.getpid()}'
     t0 = time.time()
     writer = DatasetWriter(tmp, {'image': image_field, 'label': IntField()},
-                           num_workers=max(1, num_workers))
+                           page_size=_page_size(src, fmt), num_workers=max(1, num_workers))
     writer.from_indexed_dataset(src, chunksize=64)
     stats = src.stats.result(src.channels)
     if stats.pop('images_seen') != len(src):
@@ -434,11 +452,13 @@ def norm_stats(info, channels):
 # numba's np.random inside prange gives each thread its own stream, so which sample receives
 # which crop depends on scheduling: not reproducible. A hash of (key, sample, view, draw) is a
 # pure function, identical with the compiler on or off, in any thread, after any skip.
+# Explicit signatures: called from plain Python (compiler off), a lazily typed helper could pick
+# an int64 overload for a uint64 key and overflow.
 
 _U = np.uint64
 
 
-@numba.njit(cache=True)
+@numba.njit('uint64(uint64)', cache=True)
 def _mix64(x):
     """splitmix64 finaliser: a bijective avalanche on uint64."""
     x = (x ^ (x >> _U(30))) * _U(0xBF58476D1CE4E5B9)
@@ -446,13 +466,13 @@ def _mix64(x):
     return x ^ (x >> _U(31))
 
 
-@numba.njit(cache=True)
+@numba.njit('uint64(int64, int64)', cache=True)
 def _epoch_key(seed, epoch):
     """Per-(seed + rank, epoch) key: int64 in, uint64 out."""
     return _mix64(_mix64(_U(seed) + _U(0x9E3779B97F4A7C15)) ^ _U(epoch))
 
 
-@numba.njit(cache=True)
+@numba.njit('float64(uint64, int64, int64, int64)', cache=True)
 def _uniform(key, sample, view, draw):
     """Uniform float64 in [0, 1) from (key, sample index, view index, draw number)."""
     h = _mix64(key ^ _mix64(_U(sample) * _U(0xD1B54A32D192ED03) + _U(view) * _U(0x8CB92BA72F3D8DD7)
@@ -463,7 +483,8 @@ def _uniform(key, sample, view, draw):
 _FLIP_DRAW = 30  # draws 0..19: crop attempts, 20/21: crop position, 30: flip
 
 
-@numba.njit(cache=True)
+@numba.njit('UniTuple(int64, 4)(uint64, int64, int64, int64, int64, float64, float64, float64, float64)',
+            cache=True)
 def _rrc_box(key, sample, view, h, w, smin, smax, log_rmin, log_rmax):
     """torchvision RandomResizedCrop box (top, left, height, width): area fraction uniform in
     [smin, smax], log aspect ratio uniform; 10 tries, then the centre crop of clamped ratio.
@@ -490,7 +511,7 @@ def _rrc_box(key, sample, view, h, w, smin, smax, log_rmin, log_rmax):
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-@numba.njit(cache=True)
+@numba.njit('UniTuple(int64, 4)(int64, int64, float64)', cache=True)
 def _center_box(h, w, ratio):
     """Centred square of side ratio * min(h, w): the resize + centre-crop of evaluation."""
     c = max(1, int(ratio * min(h, w)))
@@ -498,18 +519,6 @@ def _center_box(h, w, ratio):
 
 
 # ---- ffcv operation: decode once, cut V views ------------------------------------------------
-
-_COMPILED = {}
-
-
-def _compiled(fn):
-    """Compiler.compile(fn) once per process and compiler mode: the dispatchers stay alive, which
-    saves a recompile per loader and avoids numba's noisy KeyError when they are collected."""
-    k = (fn, Compiler.is_enabled)
-    if k not in _COMPILED:
-        _COMPILED[k] = Compiler.compile(fn)
-    return _COMPILED[k]
-
 
 class DecodeViews(Operation):
     """FFCV decoder: decode each image once, cut `num_views` crops resized to (res, res).
@@ -555,7 +564,6 @@ class DecodeViews(Operation):
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
-        imdecode_c, resize_c = _compiled(imdecode), _compiled(resize_crop)
         V, offset, seed = self.num_views, self.view_offset, self.seed
         random_mode, flip_prob, center_ratio = self.mode == 'random', self.flip_prob, self.center_ratio
         smin, smax = float(self.scale[0]), float(self.scale[1])
@@ -572,7 +580,11 @@ class DecodeViews(Operation):
                 else:
                     i, j, ch, cw = _center_box(h, w, center_ratio)
                 o = out[v]
-                resize_c(img, i, i + ch, j, j + cw, o)
+                # libffcv's OpenCV resize of rows [i, i+ch) x cols [j, j+cw) into o; called
+                # directly (no numba dispatcher in between: sharing one across loaders
+                # trips a numba KeyError)
+                ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
+                              o.shape[0], o.shape[1])
                 if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
                     o[:] = o[:, ::-1].copy()
 
@@ -603,7 +615,8 @@ class DecodeViews(Operation):
                     h, w = np.int64(field['height']), np.int64(field['width'])
                     if field['mode'] == 0:  # jpg: decode into this sample's scratch buffer
                         buf = scratch[b]
-                        imdecode_c(data, buf, h, w, h, w, 0, 0, 1, 1, False, False)
+                        ctypes_imdecode(data.ctypes.data, data.size, h, w, buf.ctypes.data,
+                                        h, w, 0, 0, 1, 1, False, False)
                         img = buf[:h * w * 3].reshape(h, w, 3)
                     else:
                         img = data.reshape(h, w, 3)
@@ -710,29 +723,21 @@ def adjust_saturation(x, f):
 
 
 def adjust_hue(x, f):
-    """Rotate hue by f (in turns, f in [-0.5, 0.5]) through HSV, per image. x (N, 3, H, W)."""
+    """Rotate hue by f (n,) turns (torchvision semantics), per image. x (n, 3, H, W) in [0, 1]."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    minc, maxc = torch.aminmax(x, dim=1)
     delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
-                    torch.zeros_like(maxc))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    h = (h + f.view(-1, 1, 1)) % 1.0
-    v = maxc
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    fr = h6 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * fr), v * (1 - s * (1 - fr))
-    # sextant table: (r, g, b) per i
-    rr = torch.stack([v, q, p, p, t, v], 0).gather(0, i.unsqueeze(0)).squeeze(0)
-    gg = torch.stack([t, v, v, q, p, p], 0).gather(0, i.unsqueeze(0)).squeeze(0)
-    bb = torch.stack([p, p, t, v, v, q], 0).gather(0, i.unsqueeze(0)).squeeze(0)
-    return torch.stack([rr, gg, bb], 1)
+    s = delta / torch.where(maxc > 0, maxc, 1.0)
+    d = torch.where(delta > 0, delta, 1.0)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    h6 = torch.remainder(h + 6.0 * f.view(-1, 1, 1), 6.0)  # hue in sextants, shifted
+    # branch-free HSV -> RGB: channel = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    vs = maxc * s
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        out.append(maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(out, 1)
 
 
 def gaussian_blur(x, sigma, max_sigma=2.0):
@@ -751,9 +756,6 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
 
 def solarize(x):
     return torch.where(x >= 0.5, 1.0 - x, x)
-
-
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 class ViewAugment(torch.nn.Module):
@@ -795,26 +797,42 @@ class ViewAugment(torch.nn.Module):
 
     @staticmethod
     def apply(x, p, spec, generator=None):
-        """Apply sampled params p to x (n, 3, H, W) in [0, 1]; returns a new tensor."""
-        x = x.clone()
+        """Apply sampled params p to x (n, 3, H, W) in [0, 1]; returns a new tensor.
+
+        Jitter, step k of each image's random order: brightness, contrast and saturation are
+        one blend a*x + bg*gray(x) + bm*mean(gray(x)), clamped, over the whole batch (images
+        doing another op at step k get a=1, bg=bm=0: an exact no-op), hue runs on its subset.
+        """
         dev = x.device
-        active = lambda mask: mask.nonzero().squeeze(1)  # CPU: no device sync
+        active = lambda mask: mask.nonzero().squeeze(1)  # CPU masks: no device sync
         if spec.jitter_prob > 0:
+            n = x.shape[0]
             for k in range(4):
-                for op in range(4):
-                    sel = active(p['jitter'] & (p['order'][:, k] == op))
-                    if sel.numel():
-                        f = p['factors'][sel, op].to(dev, non_blocking=True)
-                        sd = sel.to(dev, non_blocking=True)
-                        f = f if op == 3 else f.view(-1, 1, 1, 1)
-                        x[sd] = _JITTER_OPS[op](x[sd], f)
+                op = torch.where(p['jitter'], p['order'][:, k], -1)
+                a, bg, bm = torch.ones(n), torch.zeros(n), torch.zeros(n)
+                for i, coef in ((0, None), (1, bm), (2, bg)):  # brightness, contrast, saturation
+                    sel = op == i
+                    a[sel] = p['factors'][sel, i]
+                    if coef is not None:
+                        coef[sel] = 1 - p['factors'][sel, i]
+                if (op >= 0).logical_and(op <= 2).any():
+                    coefs = torch.stack([a, bg, bm], 1).to(dev, non_blocking=True).view(n, 3, 1, 1, 1)
+                    gray = _gray(x)
+                    x = (coefs[:, 0] * x + coefs[:, 1] * gray
+                         + coefs[:, 2] * gray.mean((1, 2, 3), keepdim=True)).clamp_(0, 1)
+                sel = active(op == 3)
+                if sel.numel():
+                    sd = sel.to(dev, non_blocking=True)
+                    x = x.index_copy(0, sd, adjust_hue(x[sd], p['factors'][sel, 3].to(dev)))
+        else:
+            x = x.clone()
         for name, fn in (('gray', lambda y, s: _gray(y).expand_as(y)),
                          ('blur', lambda y, s: gaussian_blur(y, s.to(dev), spec.blur_sigma[1])),
                          ('solarize', lambda y, s: solarize(y))):
             sel = active(p[name])
             if sel.numel():
                 sd = sel.to(dev, non_blocking=True)
-                x[sd] = fn(x[sd], p['sigma'][sel])
+                x = x.index_copy(0, sd, fn(x[sd], p['sigma'][sel]).contiguous())
         if spec.noise_std > 0:
             x = x + spec.noise_std * torch.randn(x.shape, device=dev, generator=generator)
         return x
@@ -862,13 +880,35 @@ def _image_pipeline_tail(device):
     return [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type != 'cpu' else [])
 
 
+class _EpochIterator(EpochIterator):
+    """ffcv's EpochIterator, except that an exception in its worker thread (a numba compile or
+    decode error) is re-raised in the consumer instead of leaving it blocked forever."""
+    _error = None
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as e:
+            self._error = e
+            self.output_queue.put(None)
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self._error is not None:
+                raise RuntimeError(f"data: the ffcv loader thread failed: {self._error!r}") \
+                    from self._error
+            raise
+
+
 def _start_epoch(loader, order):
-    """Start ffcv's EpochIterator over an explicit `order` (ffcv's Loader.__iter__ minus its own
-    epoch bookkeeping). The worker thread starts now and prepares batches ahead."""
+    """Start an epoch over an explicit `order` (ffcv's Loader.__iter__ minus its own epoch
+    bookkeeping). The worker thread starts now and prepares batches ahead."""
     threads = torch.get_num_threads()
     Compiler.set_num_threads(loader.num_workers)
     torch.set_num_threads(threads)
-    return EpochIterator(loader, order)
+    return _EpochIterator(loader, order)
 
 
 def _drain(it):
@@ -886,9 +926,12 @@ def _to_float_images(x):
     return x.permute(*perm).float().div_(255.0).contiguous()
 
 
-def _finish(x, channels, mean, std):
-    """(..., 3, H, W) in [0, 1] -> channel selection (luma when channels=1) + normalisation."""
-    if channels == 1:
+def _finish(x, channels, mean, std, gray_source):
+    """(..., 3, H, W) in [0, 1] -> channel selection + normalisation. channels=1 gives the stored
+    plane of 1-channel data (exact) and the luma of RGB data."""
+    if channels == 1 and gray_source:
+        x = x[..., 0:1, :, :]
+    elif channels == 1:
         x = (GRAY_WEIGHTS[0] * x[..., 0:1, :, :] + GRAY_WEIGHTS[1] * x[..., 1:2, :, :]
              + GRAY_WEIGHTS[2] * x[..., 2:3, :, :])
     shape = [1] * (x.dim() - 3) + [channels, 1, 1]
@@ -971,7 +1014,7 @@ class SSLLoader:
             gen = torch.Generator().manual_seed(_mix_seed(aug_seed, epoch, k))
             noise_gen = torch.Generator(device=dev).manual_seed(_mix_seed(aug_seed, epoch, k, 1))
             x = self.augment(x, gen, noise_gen)
-            views = _finish(x, self.channels, self.mean, self.std)
+            views = _finish(x, self.channels, self.mean, self.std, self.info['channels'] == 1)
             self._position = (epoch, k + 1)
             yield views, labels
         self._position = (epoch + 1, 0)
@@ -1051,7 +1094,8 @@ class EvalLoader:
             labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
             x = _to_float_images(named['image'].to(dev, non_blocking=True))[:, 0]
             idx = torch.from_numpy(self.indices[k * self.batch_size:k * self.batch_size + len(labels)])
-            yield _finish(x, self.channels, self.mean, self.std), labels, idx.to(dev, torch.int64)
+            x = _finish(x, self.channels, self.mean, self.std, self.info['channels'] == 1)
+            yield x, labels, idx.to(dev, torch.int64)
 
 
 def build_eval_loader(path, batch_size, res, channels=3, workers=2, device='cpu', rank=0,

@@ -7,14 +7,14 @@ the nuclear norm (MMCR) and the log-determinant (TCR / MCR^2).
                                                    # cores spin at barriers and time 10-100x worse
 
 A combination is skipped, and the reason recorded, when its rough memory estimate exceeds
---max_gib or when its time, predicted from the largest measured smaller case of the same
-objective scaled by the objective's cost model, exceeds --max_seconds. Prints tables; writes
-JSON to --out. Not a test: numbers depend on the machine (printed in the JSON).
+--max_gib or when its time, predicted from the costliest measured case of the same objective
+that is no larger in any of B, V, d, scaled by the objective's cost model, exceeds
+--max_seconds. Prints tables; writes JSON to --out. Not a test: numbers depend on the machine
+(printed in the JSON).
 """
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import statistics
@@ -74,7 +74,9 @@ def cost(name, b, v, d):
     fitted to a few measured cases on the dev CPU, so 'predicted' skips are estimates."""
     pairs = v * (v - 1) / 2
     m = min(b, d)
-    return {
+    # every objective makes ~20 elementwise passes over its (B, V, d) input (normalise, mask,
+    # backward); that term dominates the small cases the extrapolation starts from
+    return 20 * b * v * d + {
         "clamp": b * b * d + b * v * d,
         "mmcr": b * d * m + m ** 3 + b * v * d,
         "tcr": v * (b * d * m + m ** 3),
@@ -132,15 +134,18 @@ def time_fwd_bwd(run, leaves, repeats):
 
 def bench_grid(args, names, grid):
     rows = []
-    measured = {}  # name -> list of (cost, seconds)
+    measured = {}  # name -> list of ((B, V, d), cost, seconds)
     gen = torch.Generator().manual_seed(0)
     for name in names:
         for b, v, d in sorted(grid, key=lambda c: cost(name, *c)):
             row = {"loss": name, "B": b, "V": v, "d": d, "ms": None, "skipped": None}
             gib = memory_bytes(name, b, v, d) / 2 ** 30
             c = cost(name, b, v, d)
-            smaller = [(ci, ti) for ci, ti in measured.get(name, []) if ci <= c]
-            pred = max(smaller)[1] * c / max(smaller)[0] if smaller else 0.0
+            # extrapolate from the costliest measured case no larger in any of B, V, d: it
+            # shares the new case's structure, unlike a costlier case of another shape
+            below = [(ci, ti) for shape, ci, ti in measured.get(name, [])
+                     if all(s <= t for s, t in zip(shape, (b, v, d)))]
+            pred = max(below)[1] * c / max(below)[0] if below else 0.0
             if gib > args.max_gib:
                 row["skipped"] = f"memory ~{gib:.1f} GiB > {args.max_gib:g}"
             elif pred > args.max_seconds:
@@ -148,7 +153,7 @@ def bench_grid(args, names, grid):
             else:
                 run, leaves = make_inputs(name, b, v, d, gen)
                 sec = time_fwd_bwd(run, leaves, args.repeats)
-                measured.setdefault(name, []).append((c, sec))
+                measured.setdefault(name, []).append(((b, v, d), c, sec))
                 row["ms"] = round(1e3 * sec, 2)
                 del run, leaves
             rows.append(row)

@@ -2,7 +2,6 @@
 the formula (SPEC §0-§6), finite gradients, invariance to image (and view) order, descent on a
 toy embedding, CLAMP geometry on hand-placed sub-manifolds, and the fast linear-algebra paths."""
 import inspect
-import itertools
 import math
 
 import numpy as np
@@ -226,7 +225,7 @@ def ref_swav(scores, queue_scores=None, temperature=0.1, epsilon=0.05, sinkhorn_
     return total / count
 
 
-def ref_standardise(col, biased, eps):
+def ref_mean_var(col, biased):
     n = len(col)
     mu = sum(col) / n
     var = sum((t - mu) ** 2 for t in col) / (n if biased else n - 1)
@@ -239,7 +238,7 @@ def ref_barlow(z, lambd=0.0051, scale_loss=0.1):
     xs = np.zeros_like(z)
     for w in range(v):
         for j in range(d):
-            mu, var = ref_standardise(z[:, w, j], True, 0)
+            mu, var = ref_mean_var(z[:, w, j], True)
             xs[:, w, j] = (z[:, w, j] - mu) / math.sqrt(var + 1e-5)
     total, count = 0.0, 0
     for a in range(v):
@@ -259,7 +258,7 @@ def ref_vicreg(z, sim_weight=25.0, var_weight=25.0, cov_weight=1.0):
     n, v, d = z.shape
 
     def var_term(w):
-        return sum(max(0.0, 1 - math.sqrt(ref_standardise(z[:, w, j], False, 0)[1] + 1e-4)) for j in range(d)) / d
+        return sum(max(0.0, 1 - math.sqrt(ref_mean_var(z[:, w, j], False)[1] + 1e-4)) for j in range(d)) / d
 
     def cov_term(w):
         mu = [sum(z[i, w, j] for i in range(n)) / n for j in range(d)]
