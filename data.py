@@ -28,7 +28,6 @@ How the SSL pipeline splits the work (SPEC §7):
 """
 import argparse
 import gzip
-import io
 import json
 import math
 import multiprocessing as mp
@@ -52,7 +51,6 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
-from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
@@ -74,42 +72,38 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 # written without a second decoding pass.
 
 class _Stats:
-    """Shared (across forked writer workers) sums of pixel values, per channel and of luma.
+    """Pixel moments shared across the (forked) writer workers: count, sums and the channel
+    Gram matrix sum_pixels x x^T, from which both per-channel and luma mean/std follow exactly.
 
-    Layout of the 10 doubles: images, pixels, sum[3], sumsq[3], gray sum, gray sumsq.
-    For 1-channel data only channel 0 and the gray slots are used (they are equal).
+    Layout of the 14 doubles: images, pixels, sum[3], gram[3 x 3] (1-channel data: slot 0s).
     """
     def __init__(self):
-        self.acc = mp.Array('d', 10)
+        self.acc = mp.Array('d', 14)
 
     def add(self, img):
-        x = img.astype(np.float32)
-        npix = x.shape[0] * x.shape[1]
-        flat = x.reshape(npix, x.shape[2])
-        s = flat.sum(0, dtype=np.float64)
-        sq = np.einsum('ij,ij->j', flat, flat, dtype=np.float64)
-        if x.shape[2] == 3:
-            g = flat @ np.asarray(GRAY_WEIGHTS, np.float32)
-        else:
-            g = flat[:, 0]
-        gs, gsq = g.sum(dtype=np.float64), np.dot(g.astype(np.float64), g)
+        flat = img.reshape(-1, img.shape[2])
+        f = flat.astype(np.float32)
+        gram = (f.T @ f).astype(np.float64)  # float32 BLAS: ~1e-6 relative, plenty for stats
+        s = flat.sum(0, dtype=np.int64)
+        c = img.shape[2]
         with self.acc.get_lock():
             a = self.acc
             a[0] += 1
-            a[1] += npix
-            for c in range(x.shape[2]):
-                a[2 + c] += s[c]
-                a[5 + c] += sq[c]
-            a[8] += gs
-            a[9] += gsq
+            a[1] += flat.shape[0]
+            for i in range(c):
+                a[2 + i] += s[i]
+                for j in range(c):
+                    a[5 + 3 * i + j] += gram[i, j]
 
     def result(self, channels):
         a = np.array(self.acc[:])
         n = max(a[1], 1.0)
         mean = a[2:2 + channels] / n
-        std = np.sqrt(np.maximum(a[5:5 + channels] / n - mean ** 2, 0.0))
-        gmean = a[8] / n
-        gstd = math.sqrt(max(a[9] / n - gmean ** 2, 0.0))
+        second = a[5:].reshape(3, 3)[:channels, :channels] / n
+        std = np.sqrt(np.maximum(np.diag(second) - mean ** 2, 0.0))
+        w = np.asarray(GRAY_WEIGHTS) if channels == 3 else np.ones(1)
+        gmean = float(w @ mean)
+        gstd = math.sqrt(max(float(w @ second @ w) - gmean ** 2, 0.0))
         r = lambda v: [round(float(t), 4) for t in np.atleast_1d(v)]
         return dict(images_seen=int(a[0]), mean=r(mean), std=r(std), gray_mean=r(gmean)[0],
                     gray_std=r(gstd)[0])
@@ -136,16 +130,29 @@ class _Source:
         self.max_res = max_res
         self.stats = _Stats()
         self.indices = None  # set by the writer (limit); maps beton index -> source index
+        self.fixed_shape = None  # set by the writer for NDArray storage
+        # ffcv's writer waits forever when a worker process dies, so a sample that cannot be
+        # read is replaced by a placeholder and reported (and the beton deleted) at the end.
+        self.failures = mp.Value('q', 0)
+        self.first_failure = mp.Value('q', -1)
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, k):
         i = int(self.indices[k])
-        img = self.load(i)
-        if img.ndim == 2:
-            img = img[:, :, None]
-        img = fit_max_side(np.ascontiguousarray(img), self.max_res)
+        try:
+            img = self.load(i)
+            if img.ndim == 2:
+                img = img[:, :, None]
+            img = fit_max_side(np.ascontiguousarray(img), self.max_res)
+        except Exception:
+            with self.failures.get_lock():
+                self.failures.value += 1
+                if self.first_failure.value < 0:
+                    self.first_failure.value = i
+            img = np.zeros(self.fixed_shape or (8, 8, self.store_channels), np.uint8)
+            return img, int(self.labels[i])
         self.stats.add(img)
         if self.store_channels == 3 and img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)  # gray stored in an RGB (jpg) field
@@ -162,6 +169,9 @@ class ArraySource(_Source):
     def load(self, i):
         return self.images[i]
 
+    def describe(self, i):
+        return f'image {i}'
+
 
 class FileSource(_Source):
     """Image files (ImageFolder layout), decoded with PIL and converted to RGB."""
@@ -173,6 +183,9 @@ class FileSource(_Source):
         from PIL import Image
         with Image.open(self.paths[i]) as im:
             return np.asarray(im.convert('RGB'))
+
+    def describe(self, i):
+        return self.paths[i]
 
 
 class JpegBytesSource(_Source):
@@ -186,8 +199,11 @@ class JpegBytesSource(_Source):
         buf = self.blob[self.offsets[i]:self.offsets[i + 1]]
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
         if img is None:
-            raise SystemExit(f"data: image {i} of the npz is not a decodable JPEG")
+            raise ValueError('not a decodable JPEG')
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def describe(self, i):
+        return f'JPEG {i} of the npz'
 
 
 # ---- source loaders, one per --dataset ----
@@ -233,7 +249,8 @@ def _torchvision_source(name, root, split, max_res):
         if name in ('cifar10', 'cifar100'):
             if split not in ('train', 'test'):
                 raise SystemExit(f"data: --split for {name} is train or test, not {split!r}")
-            cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+            tv = torchvision.datasets
+            cls = tv.CIFAR10 if name == 'cifar10' else tv.CIFAR100
             ds = cls(root, train=split == 'train', download=False)
             return ArraySource(np.asarray(ds.data), ds.targets, ds.classes, max_res)
         if split not in ('train', 'test', 'unlabeled', 'train+unlabeled'):
@@ -351,6 +368,7 @@ def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality
     if gray_raw:
         h, w = fit_max_side(np.ascontiguousarray(src.load(0))[:, :, None], max_res).shape[:2]
         image_field = NDArrayField(np.dtype('u1'), (h, w, 1))
+        src.fixed_shape = (h, w, 1)
     else:
         image_field = RGBImageField(write_mode=fmt, max_resolution=None, jpeg_quality=jpeg_quality)
     out = os.path.abspath(out)
@@ -363,6 +381,16 @@ def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality
     writer = DatasetWriter(tmp, {'image': image_field, 'label': IntField()},
                            page_size=_page_size(src, fmt), num_workers=max(1, num_workers))
     writer.from_indexed_dataset(src, chunksize=64)
+    if src.failures.value:
+        os.remove(tmp)
+        i = src.first_failure.value
+        try:
+            src.load(i)
+            why = 'no error on a second read'
+        except Exception as e:
+            why = repr(e)
+        raise SystemExit(f"data: {src.failures.value} image(s) could not be read; the first is "
+                         f"{src.describe(i)}: {why} — fix or remove it and write again")
     stats = src.stats.result(src.channels)
     if stats.pop('images_seen') != len(src):
         os.remove(tmp)
@@ -427,7 +455,8 @@ def beton_info(path):
     size = os.path.getsize(path)
     if size != info.get('beton_bytes'):
         raise SystemExit(f"data: {path} has {size} bytes but its sidecar says "
-                         f"{info.get('beton_bytes')} (truncated or replaced) — {_write_hint(path)}")
+                         f"{info.get('beton_bytes')} (truncated or replaced) — "
+                         f"{_write_hint(path)}")
     header = np.fromfile(path, dtype=HeaderType, count=1)
     if len(header) != 1 or int(header[0]['num_samples']) != info['num_samples']:
         raise SystemExit(f"data: {path} header disagrees with its sidecar's num_samples "
@@ -483,8 +512,8 @@ def _uniform(key, sample, view, draw):
 _FLIP_DRAW = 30  # draws 0..19: crop attempts, 20/21: crop position, 30: flip
 
 
-@numba.njit('UniTuple(int64, 4)(uint64, int64, int64, int64, int64, float64, float64, float64, float64)',
-            cache=True)
+@numba.njit('UniTuple(int64, 4)(uint64, int64, int64, int64, int64, float64, float64, float64, '
+            'float64)', cache=True)
 def _rrc_box(key, sample, view, h, w, smin, smax, log_rmin, log_rmax):
     """torchvision RandomResizedCrop box (top, left, height, width): area fraction uniform in
     [smin, smax], log aspect ratio uniform; 10 tries, then the centre crop of clamped ratio.
@@ -540,13 +569,15 @@ class DecodeViews(Operation):
             raise ValueError(f"DecodeViews mode is 'random' or 'center', not {mode!r}")
         self.res, self.num_views, self.mode = int(res), int(num_views), mode
         self.scale, self.ratio, self.flip_prob = tuple(scale), tuple(ratio), float(flip_prob)
-        self.center_ratio, self.seed, self.view_offset = float(center_ratio), int(seed), int(view_offset)
+        self.center_ratio, self.seed = float(center_ratio), int(seed)
+        self.view_offset = int(view_offset)
 
     def declare_state_and_memory(self, previous_state):
         f = self.field
         if isinstance(f, NDArrayField):
             if f.dtype != np.uint8 or len(f.shape) != 3 or f.shape[2] != 1:
-                raise ValueError(f"DecodeViews reads uint8 (H, W, 1) arrays, got {f.dtype} {f.shape}")
+                raise ValueError(f"DecodeViews reads uint8 (H, W, 1) arrays, got {f.dtype} "
+                                 f"{f.shape}")
             self._gray, (h, w) = True, f.shape[:2]
             scratch = h * w * 3
         elif isinstance(f, RGBImageField):
@@ -555,7 +586,8 @@ class DecodeViews(Operation):
             any_jpg = bool((self.metadata['mode'] == 0).any())
             scratch = h * w * 3 if any_jpg else 1
         else:
-            raise ValueError(f"DecodeViews reads RGBImageField or NDArrayField, not {type(f).__name__}")
+            raise ValueError(f"DecodeViews reads RGBImageField or NDArrayField, not "
+                             f"{type(f).__name__}")
         out = (self.num_views, self.res, self.res, 3)
         u1 = np.dtype('<u1')
         return (replace(previous_state, jit_mode=True, shape=out, dtype=u1),
@@ -565,7 +597,8 @@ class DecodeViews(Operation):
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         V, offset, seed = self.num_views, self.view_offset, self.seed
-        random_mode, flip_prob, center_ratio = self.mode == 'random', self.flip_prob, self.center_ratio
+        random_mode, flip_prob = self.mode == 'random', self.flip_prob
+        center_ratio = self.center_ratio
         smin, smax = float(self.scale[0]), float(self.scale[1])
         lrmin, lrmax = math.log(self.ratio[0]), math.log(self.ratio[1])
         gray = self._gray
@@ -680,6 +713,11 @@ class ColourSpec:
     solarize_prob: float = 0.0
     noise_std: float = 0.0
 
+    @property
+    def is_identity(self):
+        return not (self.jitter_prob or self.gray_prob or self.blur_prob or self.solarize_prob
+                    or self.noise_std)
+
 
 def recipe_specs(recipe, blur_prob=0.0, noise_std=0.1):
     """View types of a recipe: a list of ColourSpec; view v uses spec v % len(list)."""
@@ -729,7 +767,8 @@ def adjust_hue(x, f):
     delta = maxc - minc
     s = delta / torch.where(maxc > 0, maxc, 1.0)
     d = torch.where(delta > 0, delta, 1.0)
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    h = torch.where(maxc == r, (g - b) / d,
+                    torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
     h6 = torch.remainder(h + 6.0 * f.view(-1, 1, 1), 6.0)  # hue in sextants, shifted
     # branch-free HSV -> RGB: channel = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
     vs = maxc * s
@@ -796,8 +835,9 @@ class ViewAugment(torch.nn.Module):
         )
 
     @staticmethod
-    def apply(x, p, spec, generator=None):
-        """Apply sampled params p to x (n, 3, H, W) in [0, 1]; returns a new tensor.
+    def apply(x, p, spec, generator=None, inplace=False):
+        """Apply sampled params p to x (n, 3, H, W) in [0, 1]. inplace: modify and return x
+        (which may be a strided view), else work on a copy.
 
         Jitter, step k of each image's random order: brightness, contrast and saturation are
         one blend a*x + bg*gray(x) + bm*mean(gray(x)), clamped, over the whole batch (images
@@ -805,52 +845,65 @@ class ViewAugment(torch.nn.Module):
         """
         dev = x.device
         active = lambda mask: mask.nonzero().squeeze(1)  # CPU masks: no device sync
+        if not inplace:
+            x = x.clone()
         if spec.jitter_prob > 0:
             n = x.shape[0]
             for k in range(4):
                 op = torch.where(p['jitter'], p['order'][:, k], -1)
-                a, bg, bm = torch.ones(n), torch.zeros(n), torch.zeros(n)
+                f = p['factors']
+                a = torch.ones(n, dtype=f.dtype)
+                bg, bm = torch.zeros_like(a), torch.zeros_like(a)
                 for i, coef in ((0, None), (1, bm), (2, bg)):  # brightness, contrast, saturation
                     sel = op == i
-                    a[sel] = p['factors'][sel, i]
+                    a[sel] = f[sel, i]
                     if coef is not None:
-                        coef[sel] = 1 - p['factors'][sel, i]
+                        coef[sel] = 1 - f[sel, i]
                 if (op >= 0).logical_and(op <= 2).any():
-                    coefs = torch.stack([a, bg, bm], 1).to(dev, non_blocking=True).view(n, 3, 1, 1, 1)
+                    coefs = torch.stack([a, bg, bm], 1).to(dev, x.dtype, non_blocking=True)
+                    coefs = coefs.view(n, 3, 1, 1, 1)
                     gray = _gray(x)
-                    x = (coefs[:, 0] * x + coefs[:, 1] * gray
-                         + coefs[:, 2] * gray.mean((1, 2, 3), keepdim=True)).clamp_(0, 1)
+                    shift = coefs[:, 1] * gray + coefs[:, 2] * gray.mean((1, 2, 3), keepdim=True)
+                    x.mul_(coefs[:, 0]).add_(shift).clamp_(0, 1)
                 sel = active(op == 3)
                 if sel.numel():
                     sd = sel.to(dev, non_blocking=True)
-                    x = x.index_copy(0, sd, adjust_hue(x[sd], p['factors'][sel, 3].to(dev)))
-        else:
-            x = x.clone()
+                    x.index_copy_(0, sd, adjust_hue(x[sd], f[sel, 3].to(dev, x.dtype)))
         for name, fn in (('gray', lambda y, s: _gray(y).expand_as(y)),
                          ('blur', lambda y, s: gaussian_blur(y, s.to(dev), spec.blur_sigma[1])),
                          ('solarize', lambda y, s: solarize(y))):
             sel = active(p[name])
             if sel.numel():
                 sd = sel.to(dev, non_blocking=True)
-                x = x.index_copy(0, sd, fn(x[sd], p['sigma'][sel]).contiguous())
+                x.index_copy_(0, sd, fn(x[sd], p['sigma'][sel]).contiguous())
         if spec.noise_std > 0:
-            x = x + spec.noise_std * torch.randn(x.shape, device=dev, generator=generator)
+            x.add_(torch.randn(x.shape, device=dev, generator=generator), alpha=spec.noise_std)
         return x
 
-    def forward(self, x, generator=None, noise_generator=None):
-        """x (B, V, 3, H, W) float in [0, 1] -> same shape, each view augmented independently."""
+    def forward(self, x, generator=None, noise_generator=None, inplace=False):
+        """x (B, V, 3, H, W) float in [0, 1] -> same shape, each view augmented independently.
+
+        Views of type t are the strided slice x[:, t::T]; when V % T == 0 it flattens to
+        (B * V / T, 3, H, W) without a copy and is augmented in place (inplace=True: in x itself).
+        """
+        if not inplace:
+            x = x.clone()
         B, V = x.shape[:2]
-        out = torch.empty_like(x)
-        types = self.view_types(V)
+        T = len(self.specs)
         for t, spec in enumerate(self.specs):
-            vs = [v for v in range(V) if types[v] == t]
-            if not vs:
+            sub = x[:, t::T]
+            n = B * sub.shape[1]
+            if n == 0:
                 continue
-            xs = x[:, vs].reshape(B * len(vs), *x.shape[2:])
-            p = self.sample_params(B * len(vs), spec, generator)
-            ys = self.apply(xs, p, spec, noise_generator)
-            out[:, vs] = ys.view(B, len(vs), *x.shape[2:])
-        return out
+            p = self.sample_params(n, spec, generator)
+            if spec.is_identity:
+                continue
+            try:
+                self.apply(sub.view(n, *x.shape[2:]), p, spec, noise_generator, inplace=True)
+            except RuntimeError:  # not flattenable as a view (V % T != 0): copy and write back
+                ys = self.apply(sub.reshape(n, *x.shape[2:]), p, spec, noise_generator, inplace=True)
+                x[:, t::T] = ys.view(sub.shape)
+        return x
 
 
 # ---- shared loader plumbing -------------------------------------------------------------------
@@ -919,23 +972,35 @@ def _drain(it):
         it.close()
 
 
-def _to_float_images(x):
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1], contiguous."""
+def _to_unit_float(x):
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1], contiguous (the permute is done
+    on the uint8 data: a quarter of the bytes of a float copy)."""
     nd = x.dim()
     perm = list(range(nd - 3)) + [nd - 1, nd - 3, nd - 2]
-    return x.permute(*perm).float().div_(255.0).contiguous()
+    return x.permute(*perm).contiguous().float().mul_(1 / 255)
 
 
 def _finish(x, channels, mean, std, gray_source):
-    """(..., 3, H, W) in [0, 1] -> channel selection + normalisation. channels=1 gives the stored
-    plane of 1-channel data (exact) and the luma of RGB data."""
+    """(..., 3, H, W) in [0, 1], owned by the caller -> channel selection + normalisation, in
+    place where possible. channels=1: the stored plane of 1-channel data (exact), else luma."""
     if channels == 1 and gray_source:
-        x = x[..., 0:1, :, :]
+        x = x[..., 0:1, :, :].contiguous()
     elif channels == 1:
         x = (GRAY_WEIGHTS[0] * x[..., 0:1, :, :] + GRAY_WEIGHTS[1] * x[..., 1:2, :, :]
              + GRAY_WEIGHTS[2] * x[..., 2:3, :, :])
     shape = [1] * (x.dim() - 3) + [channels, 1, 1]
-    return (x - mean.view(shape)) / std.view(shape)
+    return x.sub_(mean.view(shape)).div_(std.view(shape))
+
+
+def _check_indices(indices, info):
+    """A subset of sample indices as uint64 (ffcv's index type), validated against the beton."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or len(idx) == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"indices must be a non-empty 1-D array of ints, got {idx.dtype} "
+                         f"{idx.shape}")
+    if idx.min() < 0 or idx.max() >= info['num_samples']:
+        raise ValueError(f"indices outside [0, {info['num_samples']}) of {info['path']}")
+    return idx.astype(np.uint64)
 
 
 def _check_common(info, res, channels, workers, batch_size):
@@ -962,7 +1027,8 @@ class SSLLoader:
     def __init__(self, loader, ops, info, batch_size, num_views, res, channels, device, seed,
                  rank, augment, mean, std):
         self._loader, self._ops, self.info = loader, ops, info
-        self.batch_size, self.num_views, self.res, self.channels = batch_size, num_views, res, channels
+        self.batch_size, self.num_views = batch_size, num_views
+        self.res, self.channels = res, channels
         self.device, self.seed, self.rank = torch.device(device), seed, rank
         self.augment, self.mean, self.std = augment, mean.to(self.device), std.to(self.device)
         self.epoch, self._resume_batch = 0, 0
@@ -1006,14 +1072,15 @@ class SSLLoader:
             if 'image' in named and len(self._ops) == 1:
                 x = named['image']
             else:  # one re-decoding pipeline per view (benchmark layout)
-                x = torch.cat([named['image']] + [named[f'view{v}'] for v in range(1, self.num_views)], 1)
+                rest = [named[f'view{v}'] for v in range(1, self.num_views)]
+                x = torch.cat([named['image']] + rest, 1)
             labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
-            x = _to_float_images(x.to(dev, non_blocking=True))  # (B, V, 3, H, W) in [0, 1]
+            x = _to_unit_float(x.to(dev, non_blocking=True))  # (B, V, 3, H, W) in [0, 1]
             if x.shape[1] != self.num_views:  # 'noise' recipe: one decoded view, V noisy copies
-                x = x.expand(-1, self.num_views, -1, -1, -1)
+                x = x.expand(-1, self.num_views, -1, -1, -1).contiguous()
             gen = torch.Generator().manual_seed(_mix_seed(aug_seed, epoch, k))
             noise_gen = torch.Generator(device=dev).manual_seed(_mix_seed(aug_seed, epoch, k, 1))
-            x = self.augment(x, gen, noise_gen)
+            x = self.augment(x, gen, noise_gen, inplace=True)
             views = _finish(x, self.channels, self.mean, self.std, self.info['channels'] == 1)
             self._position = (epoch, k + 1)
             yield views, labels
@@ -1023,7 +1090,7 @@ class SSLLoader:
 def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=3, workers=2,
                      seed=0, distributed=False, rank=0, world_size=1, device='cpu',
                      drop_last=True, scale=(0.08, 1.0), order='random', blur_prob=0.0,
-                     noise_std=0.1, decode_once=True):
+                     noise_std=0.1, decode_once=True, indices=None):
     """Multi-view SSL loader over a beton written by `write_beton` (see `SSLLoader`).
 
     batch_size: images per rank per batch (each with num_views views); res: output side;
@@ -1033,7 +1100,9 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     (distributed=True is required when world_size > 1); scale: RandomResizedCrop area range;
     order: 'random' or 'sequential'; blur_prob: blur p for the cifar recipes (σ in [0.1, 2]);
     noise_std: σ of the 'noise' recipe in [0, 1] pixel units; decode_once=False re-decodes the
-    image for every view as stock FFCV does (same crops; for benchmarks only).
+    image for every view as stock FFCV does (same crops; for benchmarks only); indices: draw only
+    from these beton sample indices (e.g. a train split without its held-out part); shuffling
+    and sharding act on this subset, and len(loader) counts it.
     """
     info = beton_info(path)
     _check_common(info, res, channels, workers, batch_size)
@@ -1053,13 +1122,16 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     elif decode_once:
         ops = [DecodeViews(res, num_views, scale=scale, seed=aug_seed)]
     else:
-        ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v) for v in range(num_views)]
+        ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v)
+               for v in range(num_views)]
     pipelines = {'image': PipelineSpec('image', decoder=ops[0], transforms=list(tail)),
                  'label': [IntDecoder()] + _image_pipeline_tail(device)}
     for v, op in enumerate(ops[1:], start=1):
-        pipelines[f'view{v}'] = PipelineSpec('image', decoder=op, transforms=_image_pipeline_tail(device))
+        pipelines[f'view{v}'] = PipelineSpec('image', decoder=op,
+                                             transforms=_image_pipeline_tail(device))
     traversal = ShardedOrder(order == 'random', rank, world_size)
-    loader = _ffcv_loader(path, batch_size, workers, traversal, seed, None, pipelines, drop_last)
+    subset = None if indices is None else _check_indices(indices, info)
+    loader = _ffcv_loader(path, batch_size, workers, traversal, seed, subset, pipelines, drop_last)
     mean, std = norm_stats(info, channels)
     return SSLLoader(loader, ops, info, batch_size, num_views, res, channels, device, seed, rank,
                      ViewAugment(specs), mean, std)
@@ -1092,30 +1164,39 @@ class EvalLoader:
         for k, out in enumerate(batches):
             named = dict(zip(self._names, out))
             labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
-            x = _to_float_images(named['image'].to(dev, non_blocking=True))[:, 0]
-            idx = torch.from_numpy(self.indices[k * self.batch_size:k * self.batch_size + len(labels)])
+            x = _to_unit_float(named['image'].to(dev, non_blocking=True))[:, 0]
+            start = k * self.batch_size
+            idx = torch.from_numpy(self.indices[start:start + len(labels)])
             x = _finish(x, self.channels, self.mean, self.std, self.info['channels'] == 1)
             yield x, labels, idx.to(dev, torch.int64)
 
 
 def build_eval_loader(path, batch_size, res, channels=3, workers=2, device='cpu', rank=0,
-                      world_size=1, resize_ratio=None, norm_from=None):
+                      world_size=1, resize_ratio=None, norm_from=None, indices=None):
     """Evaluation loader (see `EvalLoader`): centred square of side resize_ratio * min(H, W),
-    resized to res. resize_ratio None: 1.0 when the stored images are already res x res
-    (CIFAR, Fashion-MNIST at native size: identity), else 0.875 (ImageNet's 256 -> 224).
+    resized to res. resize_ratio None: 1.0 when all stored images have one size (CIFAR,
+    STL-10, Fashion-MNIST, pre-resized sets: the whole image, identity at native res), else
+    0.875 (variable-size ImageNet-style sets: the usual resize 256 -> centre crop 224).
     norm_from: beton whose sidecar mean/std normalise (pass the TRAIN beton when reading a
-    test set, so both use the same statistics); default `path` itself."""
+    test set, so both use the same statistics); default `path` itself. indices: evaluate only
+    these sample indices (in the given order; ranks get contiguous slices of it)."""
     info = beton_info(path)
     _check_common(info, res, channels, workers, batch_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     if resize_ratio is None:
-        resize_ratio = 1.0 if info['resolution'] == [res, res] == info['min_resolution'] else 0.875
+        resize_ratio = 1.0 if info['resolution'] == info['min_resolution'] else 0.875
     if not 0 < resize_ratio <= 1:
         raise ValueError(f"resize_ratio must be in (0, 1], got {resize_ratio}")
-    indices = np.array_split(np.arange(info['num_samples'], dtype=np.int64), world_size)[rank]
+    everything = np.arange(info['num_samples'], dtype=np.int64)
+    subset = everything if indices is None else _check_indices(indices, info).astype(np.int64)
+    indices = np.array_split(subset, world_size)[rank]
+    if len(indices) == 0:
+        raise ValueError(f"rank {rank} gets no samples: {len(subset)} samples "
+                         f"over world_size {world_size}")
     op = DecodeViews(res, 1, mode='center', flip_prob=0.0, center_ratio=resize_ratio)
-    pipelines = {'image': PipelineSpec('image', decoder=op, transforms=_image_pipeline_tail(device)),
+    pipelines = {'image': PipelineSpec('image', decoder=op,
+                                       transforms=_image_pipeline_tail(device)),
                  'label': [IntDecoder()] + _image_pipeline_tail(device)}
     loader = _ffcv_loader(path, batch_size, workers, OrderOption.SEQUENTIAL, 0,
                           indices.astype(np.uint64), pipelines, drop_last=False)

@@ -110,6 +110,7 @@ class SSLModel(nn.Module):
         self.backbone = backbone
         self.projector = projector if projector is not None else nn.Identity()
         self.predictor = predictor
+        self.prototypes = None  # SwAV sets an nn.Linear(d, K, bias=False) here
 
     def forward(self, views):
         B, V = views.shape[:2]

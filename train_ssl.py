@@ -93,6 +93,10 @@ def get_args_parser():
                    help='Augmentation recipe of data.py (cifar, cifar_strong, imagenet, crop, noise). (default: %(default)s)')
     g.add_argument('--crop_min_scale', type=float, default=0.08,
                    help='Lower bound of RandomResizedCrop\'s area scale. (default: %(default)s)')
+    g.add_argument('--swav_prototypes', type=int, default=3000,
+                   help='SwAV: number K of prototypes (solo-learn CIFAR 3000). (default: %(default)s)')
+    g.add_argument('--freeze_prototypes_epochs', type=float, default=1.0,
+                   help='SwAV: prototypes get no update during the first N epochs (helps it start). (default: %(default)s)')
     g.add_argument('--cplearn_codes', type=int, default=16384,
                    help='CPLearn: number c of columns of the fixed random +-1 code matrix. (default: %(default)s)')
     for kw, per_loss in loss_kwargs_spec().items():
@@ -156,8 +160,14 @@ def check_args(args, world_size):
                    f"use a multiple of {world_size}")
     if args.num_views < 2 and args.loss != 'align_uniform':
         utils.fail('--num_views must be >= 2 (each image needs at least two views)')
-    if loss_inputs(args.loss)[0] in ('p', 'q') and not args.pred_dims:
+    names = loss_inputs(args.loss)
+    if 'pi' in names:
+        utils.fail(f"--loss {args.loss} is the NMCE clustering-stage objective (it needs cluster "
+                   f"probabilities): pretrain with --loss tcr, then run the clustering stage")
+    if names[0] in ('p', 'q') and not args.pred_dims:
         utils.fail(f"--loss {args.loss} needs a predictor: pass --pred_dims (e.g. 4096-256)")
+    if 'k' in names and not args.ema:
+        utils.fail(f"--loss {args.loss} compares with a momentum encoder: pass --ema 1")
     for kw, per_loss in loss_kwargs_spec().items():
         if getattr(args, kw) is not None and args.loss not in per_loss:
             utils.fail(f"--{kw} is not a hyper-parameter of --loss {args.loss} (it belongs to {', '.join(per_loss)})")
@@ -212,6 +222,8 @@ def make_loss_fn(args, teacher):
                 tensors.append(target_z(out, views))
             elif n == 'codes':
                 tensors.append(model.codes)
+            elif n == 'scores':  # SwAV: cosine of each view to the (unit-norm) prototypes
+                tensors.append(F.normalize(out['z'].float(), dim=-1) @ model.prototypes.weight.float().T)
             else:
                 raise RuntimeError(f'train_ssl: no rule to feed argument {n!r} of losses.{args.loss}')
         extra = {}
@@ -255,6 +267,10 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
         lr = utils.cosine_lr(step, total, warm, args.lr, args.min_lr)
         for gr in optimizer.param_groups:
             gr['lr'] = lr
+        if model.model.prototypes is not None:
+            with torch.no_grad():  # SwAV keeps prototypes on the unit sphere
+                w = model.model.prototypes.weight
+                w.copy_(F.normalize(w, dim=1))
         with ctx['amp']:
             out = ddp_model(views)
         loss = loss_fn(out, views, model.model)
@@ -266,6 +282,8 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
         optimizer.zero_grad(set_to_none=True)
         probe_opt.zero_grad(set_to_none=True)
         scaler.scale(loss + probe_loss).backward()
+        if model.model.prototypes is not None and epoch < args.freeze_prototypes_epochs:
+            model.model.prototypes.weight.grad = None
         if args.clip_grad:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.model.parameters(), args.clip_grad)
@@ -356,6 +374,8 @@ def main(args):
     if loss_inputs(args.loss)[1:2] == ('codes',):
         g = torch.Generator().manual_seed(args.seed)
         model.register_buffer('codes', losses.make_cplearn_codes(model.projector.out_dim, args.cplearn_codes, g))
+    if 'scores' in loss_inputs(args.loss):
+        model.prototypes = nn.Linear(model.projector.out_dim, args.swav_prototypes, bias=False)
     num_classes = info['num_classes']
     net = SSLWithProbe(model, model.backbone.num_features, num_classes).to(device)
     net = net.to(memory_format=torch.channels_last)  # faster convs on GPUs and on CPUs (oneDNN) alike

@@ -371,7 +371,8 @@ def load_pretrained(path, part='backbone', load_weights=True, seed=0):
         if 'model' not in ck:
             fail(f"projector features need a checkpoint.pth (full model); {file} holds only a backbone")
         sd = {k[len('model.'):]: v for k, v in ck['model'].items()
-              if k.startswith('model.') and not k.startswith('model.predictor.') and k != 'model.codes'}
+              if k.startswith('model.') and not k.startswith(('model.predictor.', 'model.prototypes.'))
+              and k != 'model.codes'}
         model = build_model(argparse.Namespace(**{**vars(a), 'pred_dims': ''}))
         net = nn.Sequential(model.backbone, model.projector)
         sd = {k.replace('backbone.', '0.', 1).replace('projector.', '1.', 1): v for k, v in sd.items()}
@@ -423,7 +424,8 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, metric='cos
                  num_classes=None, chunk=512):
     """DINO's weighted kNN: top-k neighbours by cosine similarity (or negative euclidean distance)
     vote with weight exp(s/T) ('exp') or 1 ('uniform'). Returns {k: (top1, top5)} in percent.
-    Ties in similarity are broken by the lower train index (torch.topk is not stable, so we sort)."""
+    Vote ties go to the lower class index; similarity ties inside the top-k are ordered by train
+    index (an exact tie straddling the k-th place is broken by torch.topk)."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     if metric == 'cosine':
         train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
@@ -434,9 +436,11 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, metric='cos
     for s in range(0, len(test_f), chunk):
         q = test_f[s:s + chunk]
         sim = q @ train_f.T if metric == 'cosine' else -torch.cdist(q, train_f)
-        # stable descending sort: equal similarities keep train order, so results are deterministic
-        sim_sorted, nn_idx = torch.sort(sim, dim=1, descending=True, stable=True)
-        sim_sorted, nn_idx = sim_sorted[:, :kmax], nn_idx[:, :kmax]
+        sim_top, nn_idx = sim.topk(kmax, dim=1)  # a full sort of the bank costs ~50x more
+        by_index = nn_idx.argsort(dim=1)
+        sim_top, nn_idx = sim_top.gather(1, by_index), nn_idx.gather(1, by_index)
+        order = torch.sort(sim_top, dim=1, descending=True, stable=True).indices
+        sim_sorted, nn_idx = sim_top.gather(1, order), nn_idx.gather(1, order)
         nn_y = train_y[nn_idx]
         for k in ks:
             kk = min(k, kmax)
@@ -467,3 +471,170 @@ def unwrap(model):
     """The plain module under DDP and torch.compile (state-dict keys without module./_orig_mod.)."""
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return getattr(model, '_orig_mod', model)
+
+
+# ---- evaluation stages --------------------------------------------------------------------------
+# Shared by train_linear.py and train_semisl.py: the flags naming the weights to evaluate, beton
+# labels without decoding, seeded class-stratified splits and class-balanced subsets, an in-memory
+# image cache with an on-device RandomResizedCrop + flip (their training source until
+# data.build_ssl_loader takes `indices=`), seeded epoch batches, top-k accuracy, freeze checks.
+
+IMAGE_CACHE_LIMIT_GB = 8.0  # above this, collect_images refuses: such sets need a streaming loader
+
+
+def add_weights_args(parser, required=True):
+    """--weights / --init, as in eval_knn.py."""
+    g = parser.add_argument_group('model')
+    g.add_argument('--weights', required=required, default=None,
+                   help='A train_ssl run folder, its checkpoint.pth, or a backbone.pth. The architecture is '
+                        'rebuilt from the flags saved with it and the loaded key sets are asserted.')
+    g.add_argument('--init', default='pretrained', choices=['pretrained', 'random'],
+                   help='random: same architecture as --weights, freshly initialised with --seed (the '
+                        'baseline every table needs). (default: %(default)s)')
+    return g
+
+
+def beton_labels(path):
+    """Every label of a beton (int64 tensor), read from its metadata table: no image is decoded, so
+    a seeded split or subset of ImageNet costs milliseconds."""
+    from ffcv.reader import Reader  # utils stays importable without ffcv
+    r = Reader(str(path))
+    if 'label' not in r.field_names:
+        fail(f"{path} has no 'label' field (fields: {r.field_names})")
+    return torch.from_numpy(r.metadata[f"f{r.field_names.index('label')}"].astype(np.int64))
+
+
+def _per_class_pick(labels, count, seed):
+    """Sorted indices of count(n_c) samples of every class c, drawn without replacement by one
+    generator seeded with `seed`, classes in increasing order: the pick depends on the labels and
+    the seed only, not on the world size."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(int(seed))
+    picked = [torch.empty(0, dtype=torch.int64)]
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:count(len(idx))]])
+    return torch.cat(picked).sort().values
+
+
+def stratified_split(labels, fraction, seed):
+    """(train, val) sorted index tensors: round(fraction * n_c) samples of each class c held out,
+    at least 1 and at most n_c - 1 when fraction > 0 (every class stays in both halves)."""
+    if fraction <= 0:
+        return torch.arange(len(labels)), torch.empty(0, dtype=torch.int64)
+    val = _per_class_pick(labels, lambda n: min(max(1, int(fraction * n + 0.5)), n - 1), seed)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
+
+
+def balanced_subset(labels, percent, seed):
+    """Sorted indices of floor(percent / 100 * n_c) samples of each class c (at least one): a
+    class-balanced labelled fraction like SimCLR's ImageNet 1% / 10% lists (~13 / ~128 per class)."""
+    return _per_class_pick(labels, lambda n: max(1, math.floor(n * percent / 100 + 1e-9)), seed)
+
+
+def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
+    """This rank's positions in range(n) for every step of an epoch: one permutation seeded by
+    (seed, epoch), identical on every rank (ffcv's RANDOM order habit), cut into global batches
+    of batch_size (the last partial one dropped, unless n < batch_size: then one batch of all),
+    each shared out rank::world_size. A pure function, so a resumed epoch replays exactly."""
+    perm = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(n))
+    steps = max(1, n // batch_size)
+    return [perm[s * batch_size:(s + 1) * batch_size][rank::world_size] for s in range(steps)]
+
+
+@torch.no_grad()
+def collect_images(loader, keep, res):
+    """The centre-crop images of the beton samples `keep` (sorted index tensor), in one pass of an
+    EvalLoader, gathered from every rank in index order -> (images, labels) on CPU, identical on
+    every rank. The evaluation stages train from this cache through random_resized_crop_flip:
+    exact for sets stored at the model's resolution (CIFAR, Fashion-MNIST), an approximation for
+    ImageNet-size images (crops come from the centre square) and refused above
+    IMAGE_CACHE_LIMIT_GB: those need the streaming data.build_ssl_loader(indices=...)."""
+    gb = len(keep) * loader.channels * res * res * 4 / 1e9
+    if gb > IMAGE_CACHE_LIMIT_GB:
+        fail(f"{len(keep)} images at {res}px need {gb:.1f} GB in the in-memory image cache (limit "
+             f"{IMAGE_CACHE_LIMIT_GB:g}); this set needs a streaming loader over an index subset "
+             f"(data.build_ssl_loader(indices=), not there yet)")
+    mask = torch.zeros(loader.info['num_samples'], dtype=torch.bool)
+    mask[keep] = True
+    xs, ys, ids = [], [], []
+    for x, y, idx in loader:
+        m = mask[idx.cpu()]
+        xs.append(x[m.to(x.device)].cpu())
+        ys.append(y[m.to(y.device)].cpu())
+        ids.append(idx.cpu()[m])
+    x, y, idx = torch.cat(xs), torch.cat(ys), torch.cat(ids)
+    if get_world_size() > 1:
+        parts = [None] * get_world_size()
+        dist.all_gather_object(parts, (x, y, idx))
+        x, y, idx = (torch.cat([p[i] for p in parts]) for i in range(3))
+    order = torch.argsort(idx)
+    if not torch.equal(idx[order], torch.as_tensor(keep, dtype=torch.int64)):
+        raise RuntimeError('collect_images did not see every requested sample exactly once')
+    return x[order], y[order]
+
+
+def random_resized_crop_flip(x, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob=0.5):
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a batch (B, C, H, W) on its own
+    device, as one bilinear grid_sample back to (H, W): area fraction uniform in `scale`, log
+    aspect ratio uniform in log(`ratio`), the first of 10 tries that fits, else the whole image
+    (torchvision's fallback for square images). Boxes are continuous (torchvision rounds to
+    pixels). All random numbers come from the CPU `generator`, so a seeded epoch replays exactly."""
+    B, _, H, W = x.shape
+    area = torch.empty(B, 10).uniform_(scale[0], scale[1], generator=generator) * (H * W)
+    log_r = torch.empty(B, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    fits = (w <= W) & (h <= H)
+    first = fits.float().argmax(1, keepdim=True)  # index of the first try that fits
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], torch.tensor(float(W)))
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], torch.tensor(float(H)))
+    cx = w / 2 + torch.rand(B, generator=generator) * (W - w)  # crop centre, in pixels
+    cy = h / 2 + torch.rand(B, generator=generator) * (H - h)
+    flip = torch.rand(B, generator=generator) < flip_prob
+    theta = torch.zeros(B, 2, 3)  # output [-1, 1] -> input [-1, 1] (align_corners=False: pixel edges)
+    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+    theta[:, 0, 2] = 2 * cx / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = 2 * cy / H - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+
+
+def linear_head(in_dim, num_classes):
+    """A classifier layer initialised as MoCo v3's main_lincls: weights N(0, 0.01), bias 0."""
+    head = nn.Linear(in_dim, num_classes)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def topk_accuracy(logits, targets, ks=(1, 5)):
+    """Top-k accuracies in percent over the last-but-one axis: logits (..., N, C), targets (N,) ->
+    one tensor of shape (...) per k. k is capped at C (top-5 of 2 classes is top-2 = 100%)."""
+    kmax = min(max(ks), logits.shape[-1])
+    hit = logits.topk(kmax, dim=-1).indices == targets.to(logits.device).unsqueeze(-1)
+    return [100.0 * hit[..., :min(k, kmax)].any(-1).float().mean(-1) for k in ks]
+
+
+def snapshot_state(module):
+    """A CPU copy of every parameter and buffer (BN running statistics included)."""
+    return {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module, snapshot, what='backbone'):
+    """Fail loudly if any parameter or buffer of a frozen module moved (MoCo v3's sanity_check)."""
+    moved = [k for k, v in module.state_dict().items() if not torch.equal(v.detach().cpu(), snapshot[k])]
+    if moved:
+        fail(f"the frozen {what} moved during training ({len(moved)} tensors, e.g. {moved[:3]}): the "
+             f"freeze is broken and this run's numbers are invalid", code=5)
+
+
+def assert_trains_only(optimizer, module, what='head'):
+    """The optimizer holds exactly the parameters of `module`: nothing of the frozen part."""
+    opt = {id(p) for g in optimizer.param_groups for p in g['params']}
+    own = {id(p) for p in module.parameters() if p.requires_grad}
+    if opt != own:
+        raise RuntimeError(f'the optimizer holds {len(opt - own)} tensors outside the {what} and misses '
+                           f'{len(own - opt)} of its own')

@@ -63,11 +63,13 @@ def test_knn_hand_computed():
 
 
 def test_knn_ties_are_deterministic():
-    # two bank points at equal similarity with different labels: the lower train index wins (k=1),
-    # and a 1-1 vote tie goes to the lower class index
-    bank = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # two bank points at equal similarity with different labels: a 1-1 vote tie goes to the lower
+    # class index, whatever the bank order
+    bank = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     q = torch.tensor([[1.0, 0.0]])
-    assert utils.knn_classify(bank, torch.tensor([1, 0]), q, torch.tensor([1]), ks=(1,))[1][0] == 100.0
+    assert utils.knn_classify(bank, torch.tensor([1, 0, 1]), q, torch.tensor([0]), ks=(2,), weighting='uniform')[2][0] == 100.0
+    # the 3rd neighbour (orthogonal, label 1) breaks the tie at k=3
+    assert utils.knn_classify(bank, torch.tensor([1, 0, 1]), q, torch.tensor([1]), ks=(3,), weighting='uniform')[3][0] == 100.0
     assert utils.knn_classify(bank, torch.tensor([1, 0]), q, torch.tensor([0]), ks=(2,), weighting='uniform')[2][0] == 100.0
 
 
