@@ -234,7 +234,9 @@ def plot_spectrum(results, path):
             s = np.asarray(r[part]['spectrum'])
             ax.plot(np.arange(1, len(s) + 1), np.log(np.clip(s, 1e-30, None)), color=COLOURS[i % 10],
                     label=f"{r['name']} (PR {r[part]['participation_ratio']:.1f}, erank {r[part]['effective_rank']:.1f})")
-        ax.set_ylim(bottom=max(ax.get_ylim()[0], -40))
+        # values below ~1e-15 of the largest are float64 round-off, not signal
+        top = max(r[part]['spectrum'][0] for r in results if part in r)
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], math.log(max(top, 1e-300) * 1e-15)))
         ax.set_xlabel('singular value rank index')
         ax.set_ylabel('log singular value of $E^TE/n$')
         ax.set_title(f'dimensional collapse: {part} features')

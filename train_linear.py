@@ -78,7 +78,7 @@ def get_args_parser():
                    help='On the head weights, not biases (MoCo v3 and MAE: 0). (default: %(default)s)')
     g.add_argument('--warmup_epochs', type=float, default=0, help='Linear LR warm-up before the cosine. (default: %(default)s)')
 
-    utils.add_data_args(p)
+    utils.add_data_args(p, need_train=False)
     g = utils.add_run_args(p, default_output='runs/linear')
     g.add_argument('--stop_at_epoch', type=int, default=None,
                    help='Checkpoint and exit before this epoch (re-run without it to continue).')
@@ -86,8 +86,9 @@ def get_args_parser():
 
 
 def check_args(args, world_size):
-    if args.load_features is None and (args.weights is None or args.val_path is None):
-        utils.fail('--weights and --val_path (the test beton) are needed unless --load_features is given')
+    if args.load_features is None and None in (args.weights, args.data_path, args.val_path):
+        utils.fail('--weights, --data_path and --val_path (the test beton) are needed unless --load_features '
+                   'is given')
     if args.batch_size % world_size:
         utils.fail(f'--batch_size {args.batch_size} does not divide by the {world_size} processes')
     if len({f'{lr:g}' for lr in args.lr}) != len(args.lr) or min(args.lr) <= 0:
@@ -255,6 +256,7 @@ def select(history, lrs, has_val):
 
 
 def main(args):
+    timer = utils.Timer()
     rank, world_size, local_rank, device = utils.init_distributed_mode()
     check_args(args, world_size)
     net, info = None, None
@@ -274,7 +276,6 @@ def main(args):
     if net is not None:  # freeze discipline: eval mode (BN statistics fixed), no grads, a reference copy
         net = net.to(device).eval().requires_grad_(False)
         frozen = utils.snapshot_state(net)
-    timer = utils.Timer()
 
     d = prepare_data(args, net, device, amp)
     (tr_x, tr_y), (va_f, va_y), (te_f, te_y) = d['train'], d['val'], d['test']
@@ -317,7 +318,7 @@ def main(args):
                               for f, y in ((va_f, va_y), (te_f, te_y)))
         row = {'epoch': epoch, 'train_loss': stats['loss'], 'val_top1': dict(zip(keys, v1)),
                'val_top5': dict(zip(keys, v5)), 'test_top1': dict(zip(keys, t1)), 'test_top5': dict(zip(keys, t5)),
-               'train_time_s': stats['time_s'], 'elapsed_s': timer()}
+               'num_val': len(va_y), 'num_test': len(te_y), 'train_time_s': stats['time_s'], 'elapsed_s': timer()}
         history.append(row)
         utils.save_on_master({'heads': heads.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
                               'history': history, 'rng': utils.rng_state(), 'args': vars(args)}, ckpt_path)

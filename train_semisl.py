@@ -237,6 +237,7 @@ def evaluate(model, loader, device, amp):
 
 
 def main(args):
+    timer = utils.Timer()
     rank, world_size, local_rank, device = utils.init_distributed_mode()
     check_args(args, world_size)
     info = data.beton_info(args.data_path)
@@ -249,7 +250,6 @@ def main(args):
     utils.prepare_output_dir(args)
     utils.fix_random_seeds(args.seed + rank)
     amp = utils.autocast_ctx(args.dtype, device)
-    timer = utils.Timer()
 
     subset, how, per_class = choose_subset(args, info)
     model = Classifier(backbone, backbone.num_features, info['num_classes']).to(device)

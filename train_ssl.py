@@ -378,7 +378,8 @@ def main(args):
         model.prototypes = nn.Linear(model.projector.out_dim, args.swav_prototypes, bias=False)
     num_classes = info['num_classes']
     net = SSLWithProbe(model, model.backbone.num_features, num_classes).to(device)
-    net = net.to(memory_format=torch.channels_last)  # faster convs on GPUs and on CPUs (oneDNN) alike
+    if device.type == 'cuda':  # on CPU, channels_last corrupted the heap in torch 2.14 (oneDNN, narrow nets)
+        net = net.to(memory_format=torch.channels_last)
     if world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     teacher = None
