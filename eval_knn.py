@@ -59,7 +59,8 @@ def compute_features(args, device):
     out = {}
     for split, path in (('train', args.data_path), ('test', args.val_path)):
         loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers, device=device,
-                                        rank=utils.get_rank(), world_size=utils.get_world_size())
+                                        rank=utils.get_rank(), world_size=utils.get_world_size(),
+                                        norm_from=args.data_path)  # test set normalised with train statistics
         out[split] = utils.extract_features(net, loader, device, amp)
         print(f"| {split}: {len(out[split][0])} samples, feature dim {out[split][0].shape[1]}")
     return out

@@ -149,23 +149,29 @@ def prepare_data(args, info, net, device, amp):
             'num_classes': info['num_classes']}
 
 
-def build_train_source(args, net, train, device, amp, rank):
-    """f(positions, epoch, step) -> (features, labels) of a batch on `device`. Cached: a lookup.
-    rrc-flip: RandomResizedCrop + flip of the cached images, then the frozen backbone. When
-    data.build_ssl_loader takes `indices=`, the rrc source becomes that loader over the train
-    split (num_views=1, recipe='crop') and the image cache goes: a change local to this function."""
+def build_train_source(args, net, train, device, amp, rank, world_size):
+    """-> (batches, steps): batches(epoch) yields this rank's (features, labels) on `device` for
+    each of the epoch's `steps` steps, in a seeded order (utils.epoch_batches). cached: a lookup.
+    rrc-flip: RandomResizedCrop + flip cut on the device from the in-memory centre-crop images,
+    then the frozen backbone. Once data.build_ssl_loader takes `indices=`, the rrc-flip branch
+    becomes that loader over the train split (num_views=1, recipe='crop'; `set_epoch(epoch)`,
+    then `net(views[:, 0])` per batch) and the image cache goes; nothing else changes."""
     x, y = train
-    if args.cache_features:
-        return lambda pos, epoch, step: (x[pos].to(device), y[pos].to(device))
+    steps = len(utils.epoch_batches(len(y), args.batch_size, args.seed, 0, rank, world_size))
 
     @torch.no_grad()
-    def augmented(pos, epoch, step):
-        seed = int(np.random.SeedSequence([args.seed + rank, epoch, step]).generate_state(1)[0])
-        views = utils.random_resized_crop_flip(x[pos].to(device), torch.Generator().manual_seed(seed),
-                                               scale=(args.crop_min_scale, 1.0))
-        with amp:
-            return net(views).float(), y[pos].to(device)
-    return augmented
+    def batches(epoch):
+        for it, pos in enumerate(utils.epoch_batches(len(y), args.batch_size, args.seed, epoch, rank, world_size)):
+            if args.cache_features:
+                yield x[pos].to(device), y[pos].to(device)
+                continue
+            seed = int(np.random.SeedSequence([args.seed + rank, epoch, it]).generate_state(1)[0])
+            views = utils.random_resized_crop_flip(x[pos].to(device), torch.Generator().manual_seed(seed),
+                                                   scale=(args.crop_min_scale, 1.0))
+            with amp:
+                f = net(views).float()
+            yield f, y[pos].to(device)
+    return batches, steps
 
 
 # ---- heads -------------------------------------------------------------------------------------
@@ -196,19 +202,17 @@ def build_optimizer(args, heads):
 
 # ---- training ----------------------------------------------------------------------------------
 
-def train_one_epoch(ddp_heads, optimizer, source, n_train, epoch, args, ctx):
+def train_one_epoch(ddp_heads, optimizer, batches, steps, epoch, args, ctx):
     """One pass over the train split; the LR of every head follows its cosine from the global
     step. Per-head losses accumulate on the device and are read every --print_freq steps."""
     ddp_heads.train()
-    batches = utils.epoch_batches(n_train, args.batch_size, args.seed, epoch, ctx['rank'], ctx['world_size'])
-    total, warm = args.epochs * len(batches), int(args.warmup_epochs * len(batches))
+    total, warm = args.epochs * steps, int(args.warmup_epochs * steps)
     sums = torch.zeros(len(args.lr), device=ctx['device'])
     t0 = time.time()
-    for it, pos in enumerate(batches):
-        step = epoch * len(batches) + it
+    for it, (f, y) in enumerate(batches(epoch)):
+        step = epoch * steps + it
         for g in optimizer.param_groups:
             g['lr'] = utils.cosine_lr(step, total, warm, g['base_lr'])
-        f, y = source(pos, epoch, it)
         logits = ddp_heads(f).float()
         losses = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(args.lr)), reduction='none')
         losses = losses.view(len(args.lr), -1).mean(1)
@@ -216,10 +220,10 @@ def train_one_epoch(ddp_heads, optimizer, source, n_train, epoch, args, ctx):
         losses.sum().backward()
         optimizer.step()
         sums += losses.detach()
-        if (it % args.print_freq == 0 or it == len(batches) - 1) and not torch.isfinite(sums).all():
+        if (it % args.print_freq == 0 or it == steps - 1) and not torch.isfinite(sums).all():
             bad = [lr for lr, s in zip(args.lr, sums.tolist()) if not np.isfinite(s)]
             utils.fail(f'non-finite loss for --lr {bad} at epoch {epoch}, step {it}: drop those learning rates', code=4)
-    sums = utils.all_reduce_mean(sums) / len(batches)
+    sums = utils.all_reduce_mean(sums) / steps
     return {'loss': dict(zip(ctx['keys'], sums.tolist())), 'time_s': time.time() - t0}
 
 
@@ -307,7 +311,7 @@ def main(args):
         utils.set_rng_state(ck['rng'])
         print(f"| resumed from {ckpt_path}: epoch {start_epoch}")
     ddp_heads = nn.parallel.DistributedDataParallel(heads, device_ids=[local_rank] if device.type == 'cuda' else None)
-    source = build_train_source(args, net, (tr_x, tr_y), device, amp, rank)
+    batches, steps = build_train_source(args, net, (tr_x, tr_y), device, amp, rank, world_size)
     ctx = {'rank': rank, 'world_size': world_size, 'device': device, 'keys': keys}
 
     for epoch in range(start_epoch, args.epochs):
@@ -315,7 +319,7 @@ def main(args):
             print(f"| --stop_at_epoch {args.stop_at_epoch}: stopping; re-run without it to continue")
             utils.cleanup_distributed()
             return None
-        stats = train_one_epoch(ddp_heads, optimizer, source, len(tr_y), epoch, args, ctx)
+        stats = train_one_epoch(ddp_heads, optimizer, batches, steps, epoch, args, ctx)
         if frozen is not None:
             utils.assert_unchanged(net, frozen)
         (v1, v5), (t1, t5) = (evaluate(heads, f, y, args.eval_batch_size, device)

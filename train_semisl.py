@@ -189,26 +189,38 @@ def build_optimizer(args, model):
 
 # ---- training ----------------------------------------------------------------------------------
 
-def train_one_epoch(ddp_model, optimizer, scaler, images, labels, epoch, args, ctx):
-    """One pass over the labelled subset with RandomResizedCrop + flip (cut on the device from the
-    image cache; see utils.collect_images). When data.build_ssl_loader takes `indices=`, this
-    loop reads that loader over the subset instead (num_views=1, recipe='crop')."""
+def build_train_batches(args, images, labels, device, rank, world_size):
+    """-> (batches, steps): batches(epoch) yields this rank's augmented (images, labels) on
+    `device` for each of the epoch's `steps` steps: a seeded order over the labelled subset
+    (utils.epoch_batches), RandomResizedCrop + flip cut on the device from the in-memory
+    centre-crop images (utils.collect_images). Once data.build_ssl_loader takes `indices=`, this
+    becomes that loader over the subset (num_views=1, recipe='crop'; `set_epoch(epoch)`, then
+    `views[:, 0]` per batch) and the image cache goes; nothing else changes."""
+    steps = len(utils.epoch_batches(len(labels), args.batch_size, args.seed, 0, rank, world_size))
+
+    def batches(epoch):
+        for it, pos in enumerate(utils.epoch_batches(len(labels), args.batch_size, args.seed, epoch, rank, world_size)):
+            seed = int(np.random.SeedSequence([args.seed + rank, epoch, it]).generate_state(1)[0])
+            x = utils.random_resized_crop_flip(images[pos].to(device), torch.Generator().manual_seed(seed),
+                                               scale=(args.crop_min_scale, 1.0))
+            yield x, labels[pos].to(device)
+    return batches, steps
+
+
+def train_one_epoch(ddp_model, optimizer, scaler, batches, steps, epoch, args, ctx):
+    """One pass over the labelled subset; the LR of each group follows its cosine from the global
+    step. Metrics accumulate on the device and are read every --print_freq steps."""
     model = utils.unwrap(ddp_model)
     model.train()
     if args.backbone_weights == 'freeze':
         model.backbone.eval()  # BN statistics stay those of pretraining
-    batches = utils.epoch_batches(len(labels), args.batch_size, args.seed, epoch, ctx['rank'], ctx['world_size'])
-    total, warm = args.epochs * len(batches), int(args.warmup_epochs * len(batches))
+    total, warm = args.epochs * steps, int(args.warmup_epochs * steps)
     sums = torch.zeros(3, device=ctx['device'])  # loss, correct, count
     t0 = time.time()
-    for it, pos in enumerate(batches):
-        step = epoch * len(batches) + it
+    for it, (x, y) in enumerate(batches(epoch)):
+        step = epoch * steps + it
         for g in optimizer.param_groups:
             g['lr'] = utils.cosine_lr(step, total, warm, g['base_lr'])
-        seed = int(np.random.SeedSequence([args.seed + ctx['rank'], epoch, it]).generate_state(1)[0])
-        x = utils.random_resized_crop_flip(images[pos].to(ctx['device']), torch.Generator().manual_seed(seed),
-                                           scale=(args.crop_min_scale, 1.0))
-        y = labels[pos].to(ctx['device'])
         with ctx['amp']:
             logits = ddp_model(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -219,7 +231,7 @@ def train_one_epoch(ddp_model, optimizer, scaler, images, labels, epoch, args, c
         with torch.no_grad():
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
                                  torch.tensor(float(len(y)), device=y.device)])
-        if (it % args.print_freq == 0 or it == len(batches) - 1) and not torch.isfinite(sums[0]):
+        if (it % args.print_freq == 0 or it == steps - 1) and not torch.isfinite(sums[0]):
             utils.fail(f'non-finite loss at epoch {epoch}, step {it}: lower --lr_head / --lr_backbone', code=4)
     sums = utils.all_reduce_mean(sums)
     return {'loss': sums[0].item() / sums[2].item(), 'top1': 100 * sums[1].item() / sums[2].item(),
@@ -257,7 +269,7 @@ def main(args):
     if args.backbone_weights == 'freeze':
         model.backbone.requires_grad_(False)
         frozen = utils.snapshot_state(model.backbone)
-    elif world_size > 1:
+    elif world_size > 1 and device.type == 'cuda':  # BN statistics over the global batch (GPU-only in torch)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(args, model)
     scaler = utils.make_scaler(args.dtype, device)
@@ -278,6 +290,7 @@ def main(args):
                                       workers=args.workers, device=device, rank=rank, world_size=world_size,
                                       norm_from=args.data_path)
     images, labels = utils.collect_images(loader(args.data_path), subset, args.res)
+    batches, steps = build_train_batches(args, images, labels, device, rank, world_size)
     test_loader = loader(args.val_path)
     print(f"| labelled subset: {len(subset)} of {info['num_samples']} images ({how}; per class min "
           f"{per_class[per_class > 0].min().item()}, max {per_class.max().item()}) | backbone {args.backbone_weights} "
@@ -290,7 +303,7 @@ def main(args):
             print(f"| --stop_at_epoch {args.stop_at_epoch}: stopping; re-run without it to continue")
             utils.cleanup_distributed()
             return None
-        stats = train_one_epoch(ddp_model, optimizer, scaler, images, labels, epoch, args, ctx)
+        stats = train_one_epoch(ddp_model, optimizer, scaler, batches, steps, epoch, args, ctx)
         if frozen is not None:
             utils.assert_unchanged(model.backbone, frozen)
         row = {'epoch': epoch, **{f'train_{k}': v for k, v in stats.items()}}

@@ -431,7 +431,8 @@ def main(args):
         ctx['knn_train'] = data.build_eval_loader(args.data_path, 512, args.res, channels=args.channels,
                                                   workers=args.workers, device=device, rank=rank, world_size=world_size)
         ctx['knn_val'] = data.build_eval_loader(args.val_path, 512, args.res, channels=args.channels,
-                                                workers=args.workers, device=device, rank=rank, world_size=world_size)
+                                                workers=args.workers, device=device, rank=rank, world_size=world_size,
+                                                norm_from=args.data_path)
     loss_fn = make_loss_fn(args, teacher)
 
     def save(epoch, batch):

@@ -39,12 +39,13 @@ from eval_cluster import hungarian_accuracy  # noqa: E402
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def make_spirals(n, noise=0.1, generator=None):
-    """n points of two interleaved spirals (n/2 each): t = 1.5 pi (1 + 2u), (t cos t, t sin t) and
-    its point reflection, plus N(0, noise^2) jitter; coordinates within about +-14.
+def make_spirals(n, noise=0.1, generator=None, turns=1.5):
+    """n points of two interleaved spirals (n/2 each): t uniform in [1.5 pi, 1.5 pi + 2 pi turns],
+    (t cos t, t sin t) and its point reflection, plus N(0, noise^2) jitter. turns = 1.5 is
+    sklearn's swiss roll (NMCE's toy; coordinates within about +-14).
     -> (x (n, 2) float32, spiral id (n,) int64)."""
     half = n // 2
-    t = 1.5 * math.pi * (1 + 2 * torch.rand(half, generator=generator))
+    t = 1.5 * math.pi + 2 * math.pi * turns * torch.rand(half, generator=generator)
     arm = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1)
     x = torch.cat([arm, -arm]) + noise * torch.randn(2 * half, 2, generator=generator)
     return x.float(), torch.cat([torch.zeros(half), torch.ones(half)]).long()
