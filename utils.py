@@ -617,7 +617,7 @@ def topk_accuracy(logits, targets, ks=(1, 5)):
     one tensor of shape (...) per k. k is capped at C (top-5 of 2 classes is top-2 = 100%)."""
     kmax = min(max(ks), logits.shape[-1])
     hit = logits.topk(kmax, dim=-1).indices == targets.to(logits.device).unsqueeze(-1)
-    return [100.0 * hit[..., :min(k, kmax)].any(-1).float().mean(-1) for k in ks]
+    return [100.0 * hit[..., :min(k, kmax)].any(-1).double().mean(-1) for k in ks]  # 72.55, not 72.5499954
 
 
 def snapshot_state(module):

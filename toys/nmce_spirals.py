@@ -69,7 +69,8 @@ class SubspaceClusterMLP(nn.Module):
         self.cluster = nn.Linear(hidden, n_clusters)
 
     def forward(self, x):
-        h = self.backbone(x / 10.0)  # inputs span +-14: bring them to O(1) for the first layer
+        h = self.backbone(x)  # raw coordinates (+-14): the large first-layer inputs give diverse
+        # features at init; scaling them to O(1) collapses every point onto one cluster
         return F.normalize(self.subspace(h), dim=-1), self.cluster(h)
 
 
@@ -174,9 +175,11 @@ def get_args_parser():
     g.add_argument('--eps', type=float, default=0.01, help='MCR^2 distortion eps (NMCE toy: 0.01). (default: %(default)s)')
     g.add_argument('--z_weight', type=float, default=4000.0,
                    help='Weight of the two-view cosine agreement (SPEC: 4000). (default: %(default)s)')
-    g.add_argument('--tau', type=float, default=1.0, help='Gumbel-softmax temperature (NMCE: 1). (default: %(default)s)')
+    g.add_argument('--tau', type=float, default=0.2,
+                   help='Gumbel-softmax temperature (NMCE toy notebook: 0.2; at 1 the soft memberships stay '
+                        'near uniform and all points collapse into one cluster). (default: %(default)s)')
     g.add_argument('--z_dim', type=int, default=3, help='Feature dimension (3 to draw it). (default: %(default)s)')
-    g.add_argument('--hidden', type=int, default=256, help='MLP width (5 ELU layers). (default: %(default)s)')
+    g.add_argument('--hidden', type=int, default=128, help='MLP width (5 ELU layers; NMCE toy: 128). (default: %(default)s)')
     g = p.add_argument_group('optim')
     g.add_argument('--steps', type=int, default=2000, help='Adam steps. (default: %(default)s)')
     g.add_argument('--lr', type=float, default=1e-3, help='Adam learning rate. (default: %(default)s)')
