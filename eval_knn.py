@@ -25,7 +25,7 @@ def get_args_parser():
     p = argparse.ArgumentParser('manifold-ssl kNN evaluation', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--weights', required=True,
+    g.add_argument('--weights', default=None,
                    help='A train_ssl run folder, its checkpoint.pth, or a backbone.pth. The architecture is '
                         'rebuilt from the flags saved with it.')
     g.add_argument('--init', default='pretrained', choices=['pretrained', 'random'],
@@ -72,6 +72,8 @@ def main(args):
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.load_features is None:
+        if not args.weights:
+            utils.fail('--weights is needed (a run folder, checkpoint.pth or backbone.pth) unless --load_features is given')
         if not (args.data_path and args.val_path):
             utils.fail('--data_path (bank) and --val_path (queries) are needed unless --load_features is given')
         data.beton_info(args.data_path)

@@ -41,7 +41,8 @@ def get_args_parser():
                    help='Which output the heads read (projector needs a checkpoint.pth). (default: %(default)s)')
     g.add_argument('--head_bn', type=utils.str2bool, default=False,
                    help='An affine-free BatchNorm in front of the heads (MAE linprobe): makes one lr grid '
-                        'fit features of any scale; a linear map still, foldable into the head. (default: %(default)s)')
+                        'fit features of any scale; still a linear map, foldable into the head. '
+                        '(default: %(default)s)')
 
     g = p.add_argument_group('eval')
     g.add_argument('--cache_features', type=utils.str2bool, default=True,
@@ -76,7 +77,8 @@ def get_args_parser():
     g.add_argument('--momentum', type=float, default=0.9, help='(default: %(default)s)')
     g.add_argument('--weight_decay', type=float, default=0.0,
                    help='On the head weights, not biases (MoCo v3 and MAE: 0). (default: %(default)s)')
-    g.add_argument('--warmup_epochs', type=float, default=0, help='Linear LR warm-up before the cosine. (default: %(default)s)')
+    g.add_argument('--warmup_epochs', type=float, default=0,
+                   help='Linear LR warm-up before the cosine. (default: %(default)s)')
 
     utils.add_data_args(p, need_train=False)
     g = utils.add_run_args(p, default_output='runs/linear')
@@ -143,7 +145,8 @@ def prepare_data(args, info, net, device, amp):
                                  os.path.join(args.output_dir, 'features.pth'))
         return {'train': (tr_f[train_idx], tr_y[train_idx]), 'val': (tr_f[val_idx], tr_y[val_idx]), 'test': test,
                 'val_idx': val_idx, 'num_classes': info['num_classes']}
-    images, labels = utils.collect_images(loader(args.data_path), torch.arange(len(train_idx) + len(val_idx)), args.res)
+    everything = torch.arange(len(train_idx) + len(val_idx))
+    images, labels = utils.collect_images(loader(args.data_path), everything, args.res)
     val = (features_of(net, images[val_idx], args.eval_batch_size, device, amp), labels[val_idx])
     return {'train': (images[train_idx], labels[train_idx]), 'val': val, 'test': test, 'val_idx': val_idx,
             'num_classes': info['num_classes']}
@@ -222,7 +225,8 @@ def train_one_epoch(ddp_heads, optimizer, batches, steps, epoch, args, ctx):
         sums += losses.detach()
         if (it % args.print_freq == 0 or it == steps - 1) and not torch.isfinite(sums).all():
             bad = [lr for lr, s in zip(args.lr, sums.tolist()) if not np.isfinite(s)]
-            utils.fail(f'non-finite loss for --lr {bad} at epoch {epoch}, step {it}: drop those learning rates', code=4)
+            utils.fail(f'non-finite loss for --lr {bad} at epoch {epoch}, step {it}: drop those learning rates',
+                       code=4)
     sums = utils.all_reduce_mean(sums) / steps
     return {'loss': dict(zip(ctx['keys'], sums.tolist())), 'time_s': time.time() - t0}
 
@@ -332,7 +336,8 @@ def main(args):
                               'history': history, 'rng': utils.rng_state(), 'args': vars(args)}, ckpt_path)
         utils.log_stats(args.output_dir, row)
         best_val = max(v1) if v1 else float('nan')
-        print(f"epoch {epoch}: loss {min(stats['loss'].values()):.4f} | best val top-1 over lrs {best_val:.2f} | test top-1 "
+        print(f"epoch {epoch}: loss {min(stats['loss'].values()):.4f} | best val top-1 over lrs {best_val:.2f} | "
+              f"test top-1 "
               + ' '.join(f'{k}:{v:.2f}' for k, v in zip(keys, t1)) + f" | {stats['time_s']:.1f} s")
 
     chosen, papers = select(history, dict(zip(keys, args.lr)), len(va_y) > 0)
@@ -343,6 +348,9 @@ def main(args):
               **chosen, 'best_test_epoch_lr_(papers_habit)': papers,
               'final_test_top1': history[-1]['test_top1'],
               'backbone_unchanged': None if frozen is None else True, 'wall_time_s': timer()}
+    if len(args.lr) > 1 and chosen['lr'] in (min(args.lr), max(args.lr)):
+        result['note'] = f"the chosen lr {chosen['lr']:g} is at the edge of the --lr grid: widen it (or --head_bn 1)"
+        print(f"| note: {result['note']}")
     print(f"| {args.protocol}: lr {chosen['lr']:g}, epoch {chosen['epoch']} chosen on {len(va_y)} validation "
           f"samples -> test top-1 {chosen['test_top1']:.2f}  top-5 {chosen['test_top5']:.2f} on {len(te_y)} test "
           f"samples | papers' habit (best test over lr/epoch): {papers['test_top1']:.2f}")

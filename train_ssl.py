@@ -380,7 +380,7 @@ def main(args):
     net = SSLWithProbe(model, model.backbone.num_features, num_classes).to(device)
     if device.type == 'cuda':  # on CPU, channels_last corrupted the heap in torch 2.14 (oneDNN, narrow nets)
         net = net.to(memory_format=torch.channels_last)
-    if world_size > 1:
+    if world_size > 1 and device.type == 'cuda':  # SyncBN is GPU-only; gloo/CPU runs keep per-rank BN
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     teacher = None
     if args.ema:

@@ -84,7 +84,8 @@ def test_linear_cached_end_to_end_then_resume_on_its_features(tiny, tmp_path):
 def test_linear_rrc_flip_from_backbone_file(tiny, tmp_path):
     out = tmp_path / 'lin'
     run(['train_linear.py', '--weights', os.path.join(tiny['ssl'], 'backbone.pth'), '--output_dir', out,
-         '--epochs', '2', '--lr', '0.1', '0.3', '--cache_features', '0', '--head_bn', '1'] + data_flags(tiny) + TINY_EVAL)
+         '--epochs', '2', '--lr', '0.1', '0.3', '--cache_features', '0', '--head_bn', '1']
+        + data_flags(tiny) + TINY_EVAL)
     r = results(out)
     assert r['protocol'] == 'rrc-flip' and r['backbone_unchanged'] is True
     assert (r['num_train'], r['num_val'], r['num_test']) == (58, 6, 32)  # round(10% of 32) = 3 per class
@@ -227,9 +228,10 @@ def test_knn_projector_euclidean_and_feature_round_trip(tiny, tmp_path):
     feats = torch.load(tmp_path / 'k1' / 'features.pth', weights_only=False)
     assert feats['train'][0].shape == (64, 16)  # the projector's output width (proj_dims 32-16)
     # the dumped features give the same answer in-process, and match the kNN computed by hand here
-    b = call_main(eval_knn, ['--weights', 'unused', '--load_features', tmp_path / 'k1' / 'features.pth', '--metric', 'euclidean',
-                             '--ks', '1', '5', '--output_dir', tmp_path / 'k2'])
-    assert {k: b[k] for k in ('top1_k1', 'top1_k5', 'top5_k5')} == {k: a[k] for k in ('top1_k1', 'top1_k5', 'top5_k5')}
+    b = call_main(eval_knn, ['--weights', 'unused', '--load_features', tmp_path / 'k1' / 'features.pth',
+                             '--metric', 'euclidean', '--ks', '1', '5', '--output_dir', tmp_path / 'k2'])
+    keys = ('top1_k1', 'top1_k5', 'top5_k5')
+    assert {k: b[k] for k in keys} == {k: a[k] for k in keys}
     (tr_f, tr_y), (te_f, te_y) = feats['train'], feats['test']
     nearest = tr_y[torch.cdist(te_f, tr_f).argmin(1)]
     assert a['top1_k1'] == pytest.approx(100.0 * (nearest == te_y).float().mean().item())
@@ -239,9 +241,11 @@ def test_knn_on_hand_made_features(tmp_path):
     """Bank (cosine): b0 (1,0) class 0; b1 (1,1), b2 (1,-1) class 1; b3 (-1,1), b4 (0,-1) class 2.
     Queries: q0 = (1,0) label 0; q1 = (0,1) label 2; q2 = (0,1) label 1. q1/q2 are equally close to
     b1 (class 1) and b3 (class 2): the vote tie goes to the lower class, 1. Worked out by hand:
-      k=2  (tie inside the top-k)          exp: q0 ok q1 x q2 ok   uniform: q0 ok (1:1 tie -> 0) q1 x q2 ok
-      k=3  (larger than class 0)           exp: q0 ok q1 x q2 ok   uniform: q0 x (2 votes class 1) q1 x q2 x (3-way tie -> 0)
-      k=10 (larger than the bank: all 5)   exp: q0 ok q1 x q2 ok   uniform: q0 x q1 x q2 ok (1:2:2 -> class 1)"""
+                                       exp T=0.07        uniform
+      k=2  (tie inside the top-k)      q0 ok q1 x q2 ok  q0 ok (1:1 tie -> 0), q1 x, q2 ok
+      k=3  (larger than class 0)       q0 ok q1 x q2 ok  q0 x (2 votes for 1), q1 x, q2 x (1:1:1 -> 0)
+      k=10 (more than the 5 in bank)   q0 ok q1 x q2 ok  q0 x (1:2:2 -> 1), q1 x, q2 ok
+    (exp: q0's own class-0 neighbour at similarity 1 outweighs two class-1 ones at 0.71.)"""
     import eval_knn
     bank = torch.tensor([[1., 0.], [1., 1.], [1., -1.], [-1., 1.], [0., -1.]])
     queries = torch.tensor([[1., 0.], [0., 1.], [0., 1.]])
@@ -249,7 +253,8 @@ def test_knn_on_hand_made_features(tmp_path):
                tmp_path / 'f.pth')
     expect = {'exp': {2: 200 / 3, 3: 200 / 3, 10: 200 / 3}, 'uniform': {2: 200 / 3, 3: 0.0, 10: 100 / 3}}
     for weighting, table in expect.items():
-        r = call_main(eval_knn, ['--weights', 'unused', '--load_features', tmp_path / 'f.pth', '--ks', '2', '3', '10', '--weighting', weighting,
-                                 '--temperature', '0.07', '--output_dir', tmp_path / weighting])
+        r = call_main(eval_knn, ['--weights', 'unused', '--load_features', tmp_path / 'f.pth', '--ks', '2', '3', '10',
+                                 '--weighting', weighting, '--temperature', '0.07',
+                                 '--output_dir', tmp_path / weighting])
         assert {k: r[f'top1_k{k}'] for k in table} == pytest.approx(table), weighting
         assert all(r[f'top5_k{k}'] == 100.0 for k in table) and r['num_test'] == 3

@@ -171,6 +171,7 @@ def get_args_parser():
     g.add_argument('--batch_size', type=int, default=1024, help='Points per step (both spirals). (default: %(default)s)')
     g.add_argument('--sigma', type=float, default=0.2, help='Std of the Gaussian view noise (NMCE: 0.2). (default: %(default)s)')
     g.add_argument('--data_noise', type=float, default=0.1, help='Jitter of the spiral points (NMCE: 0.1). (default: %(default)s)')
+    g.add_argument('--turns', type=float, default=1.5, help='Turns of each spiral (NMCE: 1.5). (default: %(default)s)')
     g = p.add_argument_group('ssl')
     g.add_argument('--eps', type=float, default=0.01, help='MCR^2 distortion eps (NMCE toy: 0.01). (default: %(default)s)')
     g.add_argument('--z_weight', type=float, default=4000.0,
@@ -182,7 +183,8 @@ def get_args_parser():
     g.add_argument('--hidden', type=int, default=128, help='MLP width (5 ELU layers; NMCE toy: 128). (default: %(default)s)')
     g = p.add_argument_group('optim')
     g.add_argument('--steps', type=int, default=2000, help='Adam steps. (default: %(default)s)')
-    g.add_argument('--lr', type=float, default=1e-3, help='Adam learning rate. (default: %(default)s)')
+    g.add_argument('--lr', type=float, default=1e-3,
+                   help='Peak Adam learning rate, decayed along a half-cosine to 0. (default: %(default)s)')
     g = p.add_argument_group('log')
     g.add_argument('--eval_every', type=int, default=200, help='Steps between evaluations. (default: %(default)s)')
     g.add_argument('--num_eval', type=int, default=4096, help='Points of the evaluation set. (default: %(default)s)')
@@ -198,7 +200,8 @@ def main(args):
     utils.fix_random_seeds(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
-    x_eval, y_eval = make_spirals(args.num_eval, args.data_noise, torch.Generator().manual_seed(args.seed + 1))
+    x_eval, y_eval = make_spirals(args.num_eval, args.data_noise, torch.Generator().manual_seed(args.seed + 1),
+                                  args.turns)
     net = SubspaceClusterMLP(args.hidden, z_dim=args.z_dim)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-5)
     history = []
@@ -210,7 +213,9 @@ def main(args):
                                                                 if step else ''))
         if step == args.steps:
             break
-        x, _ = make_spirals(args.batch_size, args.data_noise, gen)
+        for group in opt.param_groups:  # half-cosine decay: a high lr to unroll, a low one to settle
+            group['lr'] = utils.cosine_lr(step, args.steps, 0, args.lr)
+        x, _ = make_spirals(args.batch_size, args.data_noise, gen, args.turns)
         views = x[:, None] + args.sigma * torch.randn(len(x), 2, 2, generator=gen)  # (B, V=2, 2)
         z, logits = net(views)
         pi = gumbel_softmax(logits, args.tau, gen)
