@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
@@ -161,7 +162,9 @@ def load_networks(weights, init='pretrained', seed=0):
     if isinstance(ck, dict) and 'cluster_head' in ck:  # a train_cluster.py run
         import train_cluster
         net, a = train_cluster.load_cluster_net(ck, file, load_weights=load, seed=seed)
-        return net.backbone, net.subspace, None, net.cluster, a
+        # 'backbone' = the pooled features (NMCE's "pool"), 'projector' = the subspace features
+        return (net.backbone, nn.Sequential(net.pre_feature, net.subspace), None,
+                nn.Sequential(net.pre_feature, net.cluster), a)
     if kind == 'checkpoint':
         net, a = utils.load_pretrained(file, 'projector', load_weights=load, seed=seed)
         backbone, projector = net[0], net[1]
@@ -174,8 +177,8 @@ def load_networks(weights, init='pretrained', seed=0):
 
 @torch.no_grad()
 def embed(nets, batches, device, amp, limit=0):
-    """Run every image batch through backbone -> projector (and cluster head) in eval mode.
-    nets: dict with 'backbone' and optional 'projector' / 'head' modules; batches yields
+    """Run every image batch through backbone -> projector (and cluster head); callers put the
+    modules in eval mode. nets: dict with 'backbone' and optional 'projector' / 'head' modules; batches yields
     (images (B, C, H, W), labels (B,)); limit > 0 stops after that many samples.
     -> ({'backbone': (n, F), 'projector': (n, d), 'head': (n, K)} on CPU float32, labels (n,))."""
     out, labels, n = {k: [] for k in nets}, [], 0

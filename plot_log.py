@@ -89,6 +89,11 @@ def plot_runs(logs, names, path, title=None):
         ax.set_xlabel('epoch', fontsize=8)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        lo, hi = ax.get_xlim()
+        if hi - lo < 1:  # a single epoch: a readable integer axis around it
+            mid = round((lo + hi) / 2)
+            ax.set_xlim(mid - 0.5, mid + 0.5)
+            ax.set_xticks([mid])
         if key == 'train_lr':
             ax.ticklabel_format(axis='y', style='sci', scilimits=(-2, 2))
     for ax in list(axes.flat)[len(keys):]:

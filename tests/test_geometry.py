@@ -219,7 +219,7 @@ def test_eval_cluster_end_to_end(tiny, tmp_path):
              '--ns_components', '3', '--kmeans_n_init', '2', '--output_dir', str(out), '--workers', '1'])
     r = json.load(open(out / 'results.json'))
     assert r['split'] == 'train' and r['num_samples'] == 64 and r['augmentation'] == 'un-augmented'
-    assert 'kmeans on train (un-augmented, 64 samples)' in p.stdout
+    assert 'kmeans k=2 on train (un-augmented, 64 samples)' in p.stdout
     # two easy classes (bright top vs bottom half): k-means with k = 2 and the subspaces find them
     assert r['kmeans']['clusters_used'] == 2 and r['kmeans']['acc'] >= 90 and r['kmeans']['nmi'] > 0.5
     assert r['nearest_subspace']['pca_acc'] >= 90 and r['nearest_subspace']['num_test'] == 32
@@ -315,3 +315,43 @@ def test_nmce_toy_runs(tmp_path):
     r = json.load(open(out / 'results.json'))
     assert [h['step'] for h in r['history']] == [0, 10, 20] and 50 <= r['accuracy'] <= 100
     assert os.path.getsize(out / 'nmce_spirals.png') > 10000
+
+
+# ---- NMCE clustering stages ---------------------------------------------------------------------
+
+def test_pre_feature_is_the_projector_without_its_last_linear():
+    import train_cluster
+    from models import MLP
+    pre, width = train_cluster.pre_feature_of(MLP(512, '4096-128', bn=True))  # the TCR recipe's projector
+    assert [type(m).__name__ for m in pre] == ['Linear', 'BatchNorm1d', 'ReLU'] and width == 4096
+    assert train_cluster.pre_feature_of(MLP(512, '128')) == (None, None)
+    p = train_cluster.gumbel_softmax(torch.zeros(4, 3), tau=1.0)
+    assert torch.allclose(p.sum(-1), torch.ones(4)) and (p > 0).all()
+
+
+def test_cluster_stages_end_to_end(tiny, tmp_path):
+    s2, s3 = tmp_path / 's2', tmp_path / 's3'
+    common = ['--epochs', '1', '--batch_size', '16', '--eval_samples', '0', '--workers', '1', '--dtype', 'float32',
+              '--num_clusters', '2']
+    run(['train_cluster.py', '--weights', tiny['clamp'], '--stage', 'frozen', '--z_dim', '8',
+         '--output_dir', str(s2)] + common)
+    log = [json.loads(line) for line in open(s2 / 'log.txt')]
+    assert log[0]['epoch'] == 0 and np.isfinite(log[0]['train_loss']) and 'train_cluster_acc' in log[0]
+    ck = torch.load(s2 / 'checkpoint.pth', weights_only=False)
+    src = torch.load(os.path.join(tiny['clamp'], 'checkpoint.pth'), weights_only=False)['model']
+    for k, v in ck['model'].items():  # stage 2 leaves the backbone and the pre-feature exactly as loaded
+        if k.startswith('backbone.'):
+            assert torch.equal(v, src['model.' + k]), k
+        if k.startswith('pre_feature.'):
+            assert torch.equal(v, src['model.projector.' + k[len('pre_feature.'):]]), k
+    run(['train_cluster.py', '--weights', str(s2), '--stage', 'finetune', '--lr', '0.003',
+         '--output_dir', str(s3)] + common)
+    moved = torch.load(s3 / 'checkpoint.pth', weights_only=False)['model']
+    assert any(not torch.equal(moved[k], ck['model'][k]) for k in moved if k.startswith('backbone.'))
+    out = tmp_path / 'ev'
+    run(['eval_cluster.py', '--weights', str(s3), '--assign', 'head', '--output_dir', str(out), '--workers', '1'])
+    r = json.load(open(out / 'results.json'))
+    assert r['num_samples'] == 64 and 1 <= r['head']['clusters_used'] <= 2 and 50 <= r['head']['acc'] <= 100
+    p = run(['train_cluster.py', '--weights', tiny['clamp'], '--stage', 'finetune', '--output_dir',
+             str(tmp_path / 'bad')] + common, check=False)
+    assert p.returncode != 0 and 'starts from a train_cluster.py run' in p.stderr and 'Traceback' not in p.stderr

@@ -182,7 +182,9 @@ def get_args_parser():
     g.add_argument('--z_dim', type=int, default=3, help='Feature dimension (3 to draw it). (default: %(default)s)')
     g.add_argument('--hidden', type=int, default=128, help='MLP width (5 ELU layers; NMCE toy: 128). (default: %(default)s)')
     g = p.add_argument_group('optim')
-    g.add_argument('--steps', type=int, default=2000, help='Adam steps. (default: %(default)s)')
+    g.add_argument('--steps', type=int, default=8000,
+                   help='Adam steps. The arms separate slowly: ~67%% accuracy after 1000 steps, ~80%% after 6000 '
+                        '(NMCE\'s notebook trains 30000 steps of 4096 points). (default: %(default)s)')
     g.add_argument('--lr', type=float, default=1e-3,
                    help='Peak Adam learning rate, decayed along a half-cosine to 0. (default: %(default)s)')
     g = p.add_argument_group('log')
