@@ -1,6 +1,5 @@
 """Clustering metrics, collapse / dimension statistics, CLAMP packing statistics, and the
 geometry scripts (eval_cluster.py, eval_geometry.py, plot_log.py, toys/) end to end."""
-import argparse
 import json
 import math
 import os
@@ -192,12 +191,11 @@ def test_packing_stats_agree_with_training_diagnostics():
 
 # ---- scripts end to end -------------------------------------------------------------------------
 
-SMALL = ['--width', '8', '--knn_every', '1', '--epochs', '1']  # width 8: see the report on width 4
 
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    """Tiny betons, a 1-epoch CLAMP run and a 1-epoch CPLearn run (narrow ResNet-18, CPU)."""
+    """Tiny betons, a 2-epoch CLAMP run and a 1-epoch CPLearn run (narrow ResNet-18, CPU)."""
     d = tmp_path_factory.mktemp('geo')
     make_idx_dataset(str(d))
     paths = {s: str(d / f'{s}.beton') for s in ('train', 'test')}

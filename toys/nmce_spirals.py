@@ -1,6 +1,6 @@
 """NMCE toy (SPEC §3): two interleaved spirals clustered with MCR^2, one subspace per cluster.
 
-    python toys/nmce_spirals.py                          # ~1-2 min on a CPU
+    python toys/nmce_spirals.py                          # ~3 min on 2 CPU cores
     python toys/nmce_spirals.py --steps 3000 --output_dir runs/toys/nmce_spirals
 
 Data: two 2-D spirals (a swiss-roll section and its mirror image, as NMCE-release's
@@ -9,7 +9,9 @@ with two heads, a subspace head (-> R^3, normalised) and a cluster head (-> 2 lo
 Objective: losses.mcr2 (eps 0.01) on the view-averaged features and view-averaged Gumbel-softmax
 memberships, minus 4000 x the cosine agreement of the two views (losses.mcr2's z_weight).
 Each spiral should become one cluster whose features lie in a low-dimensional subspace,
-the subspaces of the two clusters far apart (near-orthogonal).
+the subspaces of the two clusters far apart (near-orthogonal). The arms separate slowly: the
+default 6000 steps of 1024 points reach ~81% accuracy (inner turns still mixed); NMCE's notebook
+trains 30000 steps of 4096 points (and a 6-D feature space) for a clean split.
 
 Writes --output_dir/nmce_spirals.png (input plane coloured by cluster; the 3-D features with
 each cluster's principal line and plane; per-cluster singular values) and results.json
