@@ -323,6 +323,12 @@ def sidecar_path(path):
     return str(path) + '.json'
 
 
+def names_path(path):
+    """`FILE.beton.names.txt`: the image file of every sample of an imagefolder beton, relative to
+    --root/--split, one per line in beton order (SimCLR's 1% / 10% lists name files)."""
+    return str(path) + '.names.txt'
+
+
 def _write_json_atomic(path, obj):
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'w') as f:
@@ -374,7 +380,7 @@ def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality
         image_field = RGBImageField(write_mode=fmt, max_resolution=None, jpeg_quality=jpeg_quality)
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    for stale in (out, sidecar_path(out)):
+    for stale in (out, sidecar_path(out), names_path(out)):
         if os.path.exists(stale):
             os.remove(stale)  # a half-replaced pair must never look valid
     tmp = f'{out}.tmp{os.getpid()}'
@@ -406,6 +412,14 @@ def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality
         res = [int(md['height'].max()), int(md['width'].max())]
         min_res = [int(md['height'].min()), int(md['width'].min())]
     os.replace(tmp, out)
+    names_file = None
+    if isinstance(src, FileSource):  # written before the sidecar, whose `complete` comes last
+        base = os.path.join(root, split)
+        names = [os.path.relpath(src.paths[i], base).replace(os.sep, '/') for i in src.indices]
+        names_file = os.path.basename(names_path(out))
+        with open(f'{names_path(out)}.tmp{os.getpid()}', 'w') as f:
+            f.write(''.join(n + '\n' for n in names))
+        os.replace(f'{names_path(out)}.tmp{os.getpid()}', names_path(out))
     info = dict(
         version=SIDECAR_VERSION,
         source=dict(dataset=dataset, root=os.path.abspath(root), split=split, limit=limit,
@@ -423,6 +437,7 @@ def write_beton(dataset, root, split, out, fmt='raw', max_res=None, jpeg_quality
         **stats,
         stats_note='mean/std in [0,255] over all written images, after max_res resizing and '
                    'before JPEG encoding',
+        names_file=names_file,
         beton_bytes=os.path.getsize(out),
         write_seconds=round(time.time() - t0, 1),
         complete=True,
@@ -558,6 +573,9 @@ class DecodeViews(Operation):
     """FFCV decoder: decode each image once, cut `num_views` crops resized to (res, res).
 
     Output per sample: uint8 (num_views, res, res, 3) (1-channel storage is expanded to 3).
+    Multi-crop (`small_views` K > 0): one flat uint8 buffer holding the V large views, then K
+    small views of side `small_res` cut with area range `small_scale` (SwAV/DINO: 2 x 224 px,
+    0.14-1 plus K x 96 px, 0.05-0.14), all from one decode; `flat_sizes` gives the split.
     mode 'random': RandomResizedCrop(scale, ratio) + horizontal flip p=`flip_prob`, per view;
     mode 'center': centred square of side `center_ratio` * min(H, W) (num_views copies).
     `view_offset` shifts the view index fed to the hash, so V single-view ops (the re-decoding
@@ -568,14 +586,24 @@ class DecodeViews(Operation):
     buffer for JPEG/gray storage, times (batches_ahead + 2) * batch_size.
     """
     def __init__(self, res, num_views=1, mode='random', scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 flip_prob=0.5, center_ratio=1.0, seed=0, view_offset=0):
+                 flip_prob=0.5, center_ratio=1.0, seed=0, view_offset=0, small_views=0,
+                 small_res=96, small_scale=(0.05, 0.14)):
         super().__init__()
         if mode not in ('random', 'center'):
             raise ValueError(f"DecodeViews mode is 'random' or 'center', not {mode!r}")
+        if small_views and mode != 'random':
+            raise ValueError("DecodeViews: small (multi-crop) views need mode 'random'")
         self.res, self.num_views, self.mode = int(res), int(num_views), mode
         self.scale, self.ratio, self.flip_prob = tuple(scale), tuple(ratio), float(flip_prob)
         self.center_ratio, self.seed = float(center_ratio), int(seed)
         self.view_offset = int(view_offset)
+        self.small_views, self.small_res = int(small_views), int(small_res)
+        self.small_scale = tuple(small_scale)
+
+    @property
+    def flat_sizes(self):
+        """Multi-crop layout: bytes of the V large and of the K small views in one flat sample."""
+        return (self.num_views * self.res ** 2 * 3, self.small_views * self.small_res ** 2 * 3)
 
     def declare_state_and_memory(self, previous_state):
         f = self.field
@@ -594,6 +622,8 @@ class DecodeViews(Operation):
             raise ValueError(f"DecodeViews reads RGBImageField or NDArrayField, not "
                              f"{type(f).__name__}")
         out = (self.num_views, self.res, self.res, 3)
+        if self.small_views:  # two sizes in one flat buffer: decode once for all V + K crops
+            out = (sum(self.flat_sizes),)
         u1 = np.dtype('<u1')
         return (replace(previous_state, jit_mode=True, shape=out, dtype=u1),
                 (AllocationQuery(out, u1), AllocationQuery((scratch,), u1),
@@ -601,7 +631,7 @@ class DecodeViews(Operation):
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
-        V, offset, seed = self.num_views, self.view_offset, self.seed
+        V, offset, seed, res = self.num_views, self.view_offset, self.seed, self.res
         random_mode, flip_prob = self.mode == 'random', self.flip_prob
         center_ratio = self.center_ratio
         smin, smax = float(self.scale[0]), float(self.scale[1])
@@ -626,7 +656,26 @@ class DecodeViews(Operation):
                 if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
                     o[:] = o[:, ::-1].copy()
 
-        cut = Compiler.compile(cut_views)
+        K, r = self.small_views, self.small_res
+        nbig = self.flat_sizes[0]
+        cut_large = Compiler.compile(cut_views)
+        ssmin, ssmax = float(self.small_scale[0]), float(self.small_scale[1])
+
+        def cut_multi(img, out, key, s, h, w):
+            """img -> flat out: V large crops (res) then K small crops (small_res, small_scale);
+            small view k hashes as view index offset + V + k."""
+            cut_large(img, out[:nbig].reshape(V, res, res, 3), key, s, h, w)
+            small = out[nbig:].reshape(K, r, r, 3)
+            for k in range(K):
+                view = offset + V + k
+                i, j, ch, cw = _rrc_box(key, s, view, h, w, ssmin, ssmax, lrmin, lrmax)
+                o = small[k]
+                ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
+                              o.shape[0], o.shape[1])
+                if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
+                    o[:] = o[:, ::-1].copy()
+
+        cut = Compiler.compile(cut_multi if K else cut_views)
 
         # Two decoders, because numba types both sides of an `if` and the metadata differ:
         # NDArrayField stores a bare pointer per sample, RGBImageField a record.
@@ -1022,6 +1071,9 @@ class SSLLoader:
     """Multi-view SSL batches: `for views, labels in loader`.
 
     views: float32 (B, V, C, H, W) normalised, on `device`; labels: int64 (B,) on `device`.
+    With small (multi-crop) views, `views` is a list [large (B, V, C, H, W), small (B, K, C,
+    h, h)]; the small group gets the same colour recipe (view types restart at its view 0)
+    with its own random draws, so the large views equal those of a loader without small ones.
     `len(loader)`: batches per epoch on this rank. Each `iter()` runs epoch `loader.epoch` and
     then advances it; `set_epoch(e)` after a resume makes the next epoch e (order AND crops).
     `iter_from(k)` starts epoch `loader.epoch` at batch k without reading batches < k (free:
@@ -1033,6 +1085,7 @@ class SSLLoader:
                  rank, augment, mean, std):
         self._loader, self._ops, self.info = loader, ops, info
         self.batch_size, self.num_views = batch_size, num_views
+        self.small_views, self.small_res = ops[0].small_views, ops[0].small_res
         self.res, self.channels = res, channels
         self.device, self.seed, self.rank = torch.device(device), seed, rank
         self.augment, self.mean, self.std = augment, mean.to(self.device), std.to(self.device)
@@ -1074,28 +1127,39 @@ class SSLLoader:
         dev = self.device
         for k, out in enumerate(batches, start=first):
             named = dict(zip(self._names, out))
-            if 'image' in named and len(self._ops) == 1:
-                x = named['image']
+            if self.small_views:  # multi-crop: split the flat buffer into the two sizes
+                flat, (nbig, _) = named['image'], self._ops[0].flat_sizes
+                B, r, R = flat.shape[0], self.small_res, self.res
+                groups = [flat[:, :nbig].view(B, self.num_views, R, R, 3),
+                          flat[:, nbig:].view(B, self.small_views, r, r, 3)]
+            elif 'image' in named and len(self._ops) == 1:
+                groups = [named['image']]
             else:  # one re-decoding pipeline per view (benchmark layout)
                 rest = [named[f'view{v}'] for v in range(1, self.num_views)]
-                x = torch.cat([named['image']] + rest, 1)
+                groups = [torch.cat([named['image']] + rest, 1)]
             labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
-            x = _to_unit_float(x.to(dev, non_blocking=True))  # (B, V, 3, H, W) in [0, 1]
-            if x.shape[1] != self.num_views:  # 'noise' recipe: one decoded view, V noisy copies
-                x = x.expand(-1, self.num_views, -1, -1, -1).contiguous()
-            gen = torch.Generator().manual_seed(_mix_seed(aug_seed, epoch, k))
-            noise_gen = torch.Generator(device=dev).manual_seed(_mix_seed(aug_seed, epoch, k, 1))
-            x = self.augment(x, gen, noise_gen, inplace=True)
-            views = _finish(x, self.channels, self.mean, self.std, self.info['channels'] == 1)
+            views = []
+            for g, x in enumerate(groups):
+                x = _to_unit_float(x.to(dev, non_blocking=True))  # (B, V, 3, H, W) in [0, 1]
+                if g == 0 and x.shape[1] != self.num_views:  # 'noise': one decoded view, V copies
+                    x = x.expand(-1, self.num_views, -1, -1, -1).contiguous()
+                # group 0 draws exactly what a loader without small views draws
+                gen = torch.Generator().manual_seed(_mix_seed(aug_seed, epoch, k, *[2] * g))
+                noise_gen = torch.Generator(device=dev).manual_seed(
+                    _mix_seed(aug_seed, epoch, k, 1, *[2] * g))
+                x = self.augment(x, gen, noise_gen, inplace=True)
+                views.append(_finish(x, self.channels, self.mean, self.std,
+                                     self.info['channels'] == 1))
             self._position = (epoch, k + 1)
-            yield views, labels
+            yield (views if self.small_views else views[0]), labels
         self._position = (epoch + 1, 0)
 
 
 def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=3, workers=2,
                      seed=0, distributed=False, rank=0, world_size=1, device='cpu',
                      drop_last=True, scale=(0.08, 1.0), order='random', blur_prob=0.0,
-                     noise_std=0.1, decode_once=True, indices=None):
+                     noise_std=0.1, decode_once=True, indices=None, small_views=0, small_res=96,
+                     small_scale=(0.05, 0.14)):
     """Multi-view SSL loader over a beton written by `write_beton` (see `SSLLoader`).
 
     batch_size: images per rank per batch (each with num_views views); res: output side;
@@ -1107,7 +1171,9 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     noise_std: σ of the 'noise' recipe in [0, 1] pixel units; decode_once=False re-decodes the
     image for every view as stock FFCV does (same crops; for benchmarks only); indices: draw only
     from these beton sample indices (e.g. a train split without its held-out part); shuffling
-    and sharding act on this subset, and len(loader) counts it.
+    and sharding act on this subset, and len(loader) counts it. small_views K > 0: multi-crop,
+    K extra crops of side small_res with area range small_scale from the same decode (pass
+    scale=(0.14, 1) for the SwAV/DINO large crops); batches then hold [large, small].
     """
     info = beton_info(path)
     _check_common(info, res, channels, workers, batch_size)
@@ -1122,10 +1188,16 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     specs = recipe_specs(recipe, blur_prob, noise_std)
     aug_seed = seed + rank
     tail = _image_pipeline_tail(device)
+    if small_views < 0 or (small_views and not 1 <= small_res <= res):
+        raise ValueError(f"small_views must be >= 0 and small_res in [1, res={res}] (got "
+                         f"{small_views}, {small_res})")
+    if small_views and (recipe == 'noise' or not decode_once):
+        raise ValueError("small (multi-crop) views need decode_once=True and a cropping recipe")
     if recipe == 'noise':
         ops = [DecodeViews(res, 1, mode='center', flip_prob=0.0, seed=aug_seed)]
     elif decode_once:
-        ops = [DecodeViews(res, num_views, scale=scale, seed=aug_seed)]
+        ops = [DecodeViews(res, num_views, scale=scale, seed=aug_seed, small_views=small_views,
+                           small_res=small_res, small_scale=small_scale)]
     else:
         ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v)
                for v in range(num_views)]

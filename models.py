@@ -113,6 +113,12 @@ class SSLModel(nn.Module):
         self.prototypes = None  # SwAV sets an nn.Linear(d, K, bias=False) here
 
     def forward(self, views):
+        """views: (B, V, C, H, W), or a list of such groups of different resolutions (multi-crop:
+        [large, small]); each group is one forward pass (its own BN statistics, as SwAV and
+        solo-learn do) and the outputs are concatenated along V in the group order."""
+        if isinstance(views, (list, tuple)):
+            outs = [self(v) for v in views]
+            return {k: torch.cat([o[k] for o in outs], 1) for k in outs[0]}
         B, V = views.shape[:2]
         feats = self.backbone(views.flatten(0, 1))
         z = self.projector(feats)

@@ -93,10 +93,24 @@ def get_args_parser():
                    help='Augmentation recipe of data.py (cifar, cifar_strong, imagenet, crop, noise). (default: %(default)s)')
     g.add_argument('--crop_min_scale', type=float, default=0.08,
                    help='Lower bound of RandomResizedCrop\'s area scale. (default: %(default)s)')
+    g.add_argument('--num_small_views', type=int, default=0,
+                   help='Multi-crop: K extra small views per image of side --small_res (SwAV/DINO ImageNet: '
+                        '6 x 96 px with --crop_min_scale 0.14), cut from the same decode; the model sees '
+                        'the --num_views large views first, then the small ones. (default: %(default)s)')
+    g.add_argument('--small_res', type=int, default=96, help='Side of the small views. (default: %(default)s)')
+    g.add_argument('--small_scale', type=float, nargs=2, default=[0.05, 0.14], metavar=('MIN', 'MAX'),
+                   help='RandomResizedCrop area range of the small views. (default: 0.05 0.14)')
     g.add_argument('--swav_prototypes', type=int, default=3000,
                    help='SwAV: number K of prototypes (solo-learn CIFAR 3000). (default: %(default)s)')
     g.add_argument('--freeze_prototypes_epochs', type=float, default=1.0,
                    help='SwAV: prototypes get no update during the first N epochs (helps it start). (default: %(default)s)')
+    g.add_argument('--swav_queue_size', type=int, default=0,
+                   help='SwAV: queue of the last N embeddings (global, split over processes) of the assignment '
+                        'views, scored against the current prototypes and added to the Sinkhorn batch; for small '
+                        'batches (solo-learn CIFAR 3840). 0 = off. (default: %(default)s)')
+    g.add_argument('--swav_queue_start_epoch', type=int, default=50,
+                   help='SwAV: the queue is filled from the start and used from this epoch on, once full '
+                        '(solo-learn CIFAR 50). (default: %(default)s)')
     g.add_argument('--cplearn_codes', type=int, default=16384,
                    help='CPLearn: number c of columns of the fixed random +-1 code matrix. (default: %(default)s)')
     for kw, per_loss in loss_kwargs_spec().items():
@@ -144,9 +158,21 @@ def get_args_parser():
     g.add_argument('--stop_at_epoch', type=int, default=None,
                    help='Checkpoint and exit before this epoch, leaving the schedule of --epochs intact: '
                         'splits a long run over several time-limited jobs (re-run to continue).')
-    # test hooks: a NaN loss at this global step; SIGTERM to ourselves at this step
+    g.add_argument('--nan_policy', default='stop', choices=['stop', 'skip'],
+                   help='On a non-finite loss: stop = exit 4 naming the last good checkpoint (no sync per '
+                        'step); skip = drop that step (no optimizer/scaler/EMA update, BN statistics '
+                        'restored), count it in log.txt (train_skipped_steps) and go on, stopping as '
+                        '"stop" once more than --max_skipped_steps were skipped; costs one sync per step. '
+                        'May change on resume: continue a stopped run with skip. (default: %(default)s)')
+    g.add_argument('--max_skipped_steps', type=int, default=10,
+                   help='--nan_policy skip: stop once more steps than this were skipped over the whole '
+                        'run (a diverging run is not rescued by skipping). (default: %(default)s)')
+    # test hooks: a NaN loss at this global step; SIGTERM to ourselves at this step; SIGKILL to
+    # ourselves at this step unless this process resumed at or after it (a crash once, for
+    # torchrun --max-restarts)
     g.add_argument('--nan_inject_step', type=int, default=-1, help=argparse.SUPPRESS)
     g.add_argument('--signal_at_step', type=int, default=-1, help=argparse.SUPPRESS)
+    g.add_argument('--crash_at_step', type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
 
@@ -160,6 +186,17 @@ def check_args(args, world_size):
                    f"use a multiple of {world_size}")
     if args.num_views < 2 and args.loss != 'align_uniform':
         utils.fail('--num_views must be >= 2 (each image needs at least two views)')
+    if args.num_small_views < 0:
+        utils.fail(f"--num_small_views must be >= 0, got {args.num_small_views}")
+    if args.max_skipped_steps < 0:
+        utils.fail(f"--max_skipped_steps must be >= 0, got {args.max_skipped_steps}")
+    if args.swav_queue_size:
+        if args.loss != 'swav':
+            utils.fail(f"--swav_queue_size is a flag of --loss swav, not {args.loss}")
+        per_rank = args.swav_queue_size // world_size
+        if args.swav_queue_size % world_size or per_rank < args.batch_size // world_size:
+            utils.fail(f"--swav_queue_size {args.swav_queue_size} must divide by the {world_size} processes "
+                       f"and hold at least one per-process batch ({args.batch_size // world_size})")
     names = loss_inputs(args.loss)
     if 'pi' in names:
         utils.fail(f"--loss {args.loss} is the NMCE clustering-stage objective (it needs cluster "
@@ -181,8 +218,19 @@ def loss_inputs(name):
 
 
 def loss_kwargs(args):
-    return {kw: getattr(args, kw) for kw, per_loss in loss_kwargs_spec().items()
-            if args.loss in per_loss and getattr(args, kw) is not None}
+    """The loss keywords given on the command line, in the type of the loss's own default (int
+    keywords such as sinkhorn_iters parse as float: '--pot_pow 2' must stay a float)."""
+    out = {}
+    for kw, per_loss in loss_kwargs_spec().items():
+        v = getattr(args, kw)
+        if args.loss in per_loss and v is not None:
+            d = per_loss[args.loss]
+            if isinstance(d, int) and not isinstance(d, bool):
+                if float(v) != int(v):
+                    utils.fail(f"--{kw} must be a whole number for --loss {args.loss}, got {v}")
+                v = int(v)
+            out[kw] = v
+    return out
 
 
 class SSLWithProbe(nn.Module):
@@ -197,13 +245,44 @@ class SSLWithProbe(nn.Module):
 
     def forward(self, views):
         out = self.model(views)
-        out['logits'] = self.probe(out['feats'].detach().flatten(0, 1).float())
+        n = (views[0] if isinstance(views, (list, tuple)) else views).shape[1]  # probe: large views only
+        out['logits'] = self.probe(out['feats'][:, :n].detach().flatten(0, 1).float())
         return out
 
 
-def make_loss_fn(args, teacher):
+class EmbeddingQueue:
+    """SwAV's queue on this process: the last `size` unit-norm embeddings (size, A, d) of the A
+    assignment views. Filled every step; `active` (set per epoch by the loop) and full -> its
+    scores against the current prototypes join the Sinkhorn batch (the loss gathers them over
+    processes). Per-process state, saved per rank in the checkpoint."""
+
+    def __init__(self, size, num_views, dim, device):
+        self.q = torch.zeros(size, num_views, dim, device=device)
+        self.count, self.active = 0, False
+
+    @property
+    def ready(self):
+        return self.active and self.count >= len(self.q)
+
+    @torch.no_grad()
+    def push(self, z):
+        z = z.detach().float()[-len(self.q):]
+        self.q = torch.cat([z, self.q[:len(self.q) - len(z)]])
+        self.count += len(z)
+
+    def state_dict(self):
+        return {'q': self.q.cpu(), 'count': self.count}
+
+    def load_state_dict(self, state):
+        self.q.copy_(state['q'])
+        self.count = int(state['count'])
+
+
+def make_loss_fn(args, teacher, queue=None):
     """Return f(out, views) -> loss, dispatching tensors by the objective's parameter names."""
     fn, kw, names = losses.LOSSES[args.loss], loss_kwargs(args), loss_inputs(args.loss)
+    params = inspect.signature(fn).parameters
+    num_assign = int(kw.get('num_assign_views', params['num_assign_views'].default)) if queue is not None else 0
 
     def target_z(out, views):
         if teacher is None:
@@ -212,7 +291,7 @@ def make_loss_fn(args, teacher):
             return teacher(views)['z']
 
     def compute(out, views, model):
-        tensors = []
+        tensors, extra = [], {}
         for n in names:
             if n in ('z', 'h'):
                 tensors.append(out['z'])
@@ -223,10 +302,14 @@ def make_loss_fn(args, teacher):
             elif n == 'codes':
                 tensors.append(model.codes)
             elif n == 'scores':  # SwAV: cosine of each view to the (unit-norm) prototypes
-                tensors.append(F.normalize(out['z'].float(), dim=-1) @ model.prototypes.weight.float().T)
+                zn, protos = F.normalize(out['z'].float(), dim=-1), model.prototypes.weight.float()
+                tensors.append(zn @ protos.T)
+                if queue is not None:  # scores of the queued embeddings, then this batch joins the queue
+                    if queue.ready:
+                        extra['queue_scores'] = queue.q @ protos.detach().T
+                    queue.push(zn[:, :num_assign])
             else:
                 raise RuntimeError(f'train_ssl: no rule to feed argument {n!r} of losses.{args.loss}')
-        extra = {}
         if args.loss == 'mmcr' and teacher is not None:
             extra['z_momentum'] = target_z(out, views)
         # losses are computed in float32 outside autocast (SVD/logdet/arccos are not bf16-safe)
@@ -257,9 +340,17 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
     total = args.epochs * n_iter
     warm = int(args.warmup_epochs * n_iter)
     start_it = ctx['start_batch']
+    ctx.setdefault('first_step', epoch * n_iter + start_it)  # where this process started (--crash_at_step)
     sums = torch.zeros(3, device=ctx['device'])  # loss, probe correct, probe count
     nonfinite = torch.zeros((), dtype=torch.bool, device=ctx['device'])
-    t0, seen = time.time(), 0
+    t0, seen, counted = time.time(), 0, 0  # counted: steps in sums (skipped ones are not)
+    skip_mode = args.nan_policy == 'skip'
+
+    def stop_nonfinite(step, it, why=''):
+        utils.fail(f"non-finite loss at or before step {step} (epoch {epoch}, batch {it}){why}; weights "
+                   f"since the last checkpoint are discarded; the last good checkpoint is "
+                   f"{ctx['ckpt_path']} ({'present' if os.path.exists(ctx['ckpt_path']) else 'none yet'}). "
+                   f"Lower --blr, use --dtype float32, or --clip_grad", code=4)
     bar = tqdm(total=n_iter, initial=start_it, desc=f'epoch {epoch}', disable=not utils.is_main_process(),
                dynamic_ncols=True, leave=False)
     for it, (views, labels) in enumerate(loader.iter_from(start_it) if start_it else loader, start=start_it):
@@ -271,6 +362,8 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
             with torch.no_grad():  # SwAV keeps prototypes on the unit sphere
                 w = model.model.prototypes.weight
                 w.copy_(F.normalize(w, dim=1))
+        if skip_mode:  # the forward pass changes state too: BN statistics, SwAV's queue
+            kept = snapshot_step_state(model, teacher, ctx.get('queue'))
         with ctx['amp']:
             out = ddp_model(views)
         loss = loss_fn(out, views, model.model)
@@ -278,36 +371,53 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
             loss = loss * float('nan')
         if step == args.signal_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
-        probe_loss = F.cross_entropy(out['logits'].float(), labels.repeat_interleave(views.shape[1]))
+        if step == args.crash_at_step and ctx['first_step'] < step:
+            os.kill(os.getpid(), signal.SIGKILL)  # a node failure mid-step, once: a restart resumes here
+        probe_loss = F.cross_entropy(out['logits'].float(), labels.repeat_interleave(out['logits'].shape[0] // labels.shape[0]))
         optimizer.zero_grad(set_to_none=True)
         probe_opt.zero_grad(set_to_none=True)
+        # backward even on a step that will be skipped: DDP's gradient all-reduce expects one per forward
         scaler.scale(loss + probe_loss).backward()
-        if model.model.prototypes is not None and epoch < args.freeze_prototypes_epochs:
-            model.model.prototypes.weight.grad = None
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.step(probe_opt)
-        scaler.update()
-        if teacher is not None:
-            ema_update(teacher, model.model, utils.cosine_momentum(step, total, args.ema_momentum, args.ema_final))
-
-        with torch.no_grad():
-            nonfinite |= ~torch.isfinite(loss.detach())
-            sums[0] += loss.detach().float()
-            sums[1] += (out['logits'].argmax(1) == labels.repeat_interleave(views.shape[1])).sum()
-            sums[2] += out['logits'].shape[0]
+        apply = True
+        if skip_mode:  # one sync per step; every rank must agree to skip the same step
+            bad = (~torch.isfinite(loss.detach() + probe_loss.detach())).float().reshape(1)
+            if ctx['world_size'] > 1:
+                torch.distributed.all_reduce(bad)
+            apply = bad.item() == 0
+        if apply:
+            if model.model.prototypes is not None and epoch < args.freeze_prototypes_epochs:
+                model.model.prototypes.weight.grad = None
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.step(probe_opt)
+            scaler.update()
+            if teacher is not None:
+                ema_update(teacher, model.model, utils.cosine_momentum(step, total, args.ema_momentum, args.ema_final))
+            with torch.no_grad():
+                nonfinite |= ~torch.isfinite(loss.detach())
+                sums[0] += loss.detach().float()
+                sums[1] += (out['logits'].argmax(1) == labels.repeat_interleave(out['logits'].shape[0] // labels.shape[0])).sum()
+                sums[2] += out['logits'].shape[0]
+            counted += 1
+        else:  # --nan_policy skip: no update at all; the optimizer, scaler and EMA never see this step
+            optimizer.zero_grad(set_to_none=True)
+            probe_opt.zero_grad(set_to_none=True)
+            restore_step_state(kept)
+            ctx['skipped'] += 1
+            print(f"| step {step}: non-finite loss, update skipped ({ctx['skipped']} skipped so far, "
+                  f"--max_skipped_steps {args.max_skipped_steps})")
+            if ctx['skipped'] > args.max_skipped_steps:
+                stop_nonfinite(step, it, f" and {ctx['skipped']} steps skipped, more than --max_skipped_steps "
+                                         f"{args.max_skipped_steps}")
         seen += 1
         bar.update(1)
         last = it == n_iter - 1
         if it % args.print_freq == 0 or last:
             if nonfinite.item():
-                utils.fail(f"non-finite loss at or before step {step} (epoch {epoch}, batch {it}); weights "
-                           f"since the last checkpoint are discarded; the last good checkpoint is "
-                           f"{ctx['ckpt_path']} ({'present' if os.path.exists(ctx['ckpt_path']) else 'none yet'}). "
-                           f"Lower --blr, use --dtype float32, or --clip_grad", code=4)
-            bar.set_postfix(loss=f'{sums[0].item() / seen:.4f}', probe=f'{100 * sums[1].item() / max(1, sums[2].item()):.1f}',
+                stop_nonfinite(step, it)
+            bar.set_postfix(loss=f'{sums[0].item() / max(1, counted):.4f}', probe=f'{100 * sums[1].item() / max(1, sums[2].item()):.1f}',
                             lr=f'{lr:.2e}')
         stop_now = STOP['signal'] is not None
         if ctx['world_size'] > 1:  # every rank must agree to stop at the same step
@@ -322,9 +432,30 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
     bar.close()
     sums = utils.all_reduce_mean(sums)
     dt = time.time() - t0
-    n_img = seen * views.shape[0] * ctx['world_size']
-    return {'loss': sums[0].item() / max(1, seen), 'probe_acc': 100 * sums[1].item() / max(1, sums[2].item()),
-            'lr': lr, 'images_per_s': n_img / dt, 'time_s': dt}
+    n_img = seen * labels.shape[0] * ctx['world_size']
+    return {'loss': sums[0].item() / max(1, counted), 'probe_acc': 100 * sums[1].item() / max(1, sums[2].item()),
+            'lr': lr, 'images_per_s': n_img / dt, 'time_s': dt, 'skipped_steps': ctx['skipped']}
+
+
+def _bn_buffers(*modules):
+    return [b for mod in modules if mod is not None for m in mod.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()]
+
+
+def snapshot_step_state(net, teacher, queue):
+    """What a forward pass changes besides activations (BN running statistics of the model, the
+    probe and the teacher; SwAV's queue), kept so that a skipped step leaves no trace."""
+    bufs = _bn_buffers(net, teacher)
+    return bufs, [b.clone() for b in bufs], queue, (queue.q.clone(), queue.count) if queue is not None else None
+
+
+@torch.no_grad()
+def restore_step_state(kept):
+    bufs, copies, queue, q = kept
+    for b, c in zip(bufs, copies):
+        b.copy_(c)
+    if queue is not None:
+        queue.q, queue.count = q
 
 
 @torch.no_grad()
@@ -357,12 +488,16 @@ def main(args):
     rank, world_size, local_rank, device = utils.init_distributed_mode()
     check_args(args, world_size)
     info = data.beton_info(args.data_path)
-    if args.val_path:
-        data.beton_info(args.val_path)
+    infos = [info] + ([data.beton_info(args.val_path)] if args.val_path else [])
+    channels_flag = args.channels
     args.res = args.res or max(info['resolution'])
     args.channels = args.channels or info['channels']
     args.in_chans = args.channels
+    for inf in infos:  # no silent upsampling or channel conversion, before anything is written
+        utils.check_beton_input(inf, args.res, args.channels, args.in_chans, channels_flag, args.allow_upsample)
     args.lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    if args.num_small_views and not 1 <= args.small_res <= args.res:
+        utils.fail(f"--small_res {args.small_res} must be in [1, --res {args.res}]")
     utils.prepare_output_dir(args)
     utils.fix_random_seeds(args.seed + rank)
     per_rank = args.batch_size // world_size
@@ -395,9 +530,15 @@ def main(args):
     probe_opt = torch.optim.SGD(net.probe.parameters(), lr=args.probe_lr, momentum=0.9)
     scaler = utils.make_scaler(args.dtype, device)
 
+    queue = None
+    if args.swav_queue_size:
+        n_assign = loss_kwargs(args).get('num_assign_views',
+                                         inspect.signature(losses.swav).parameters['num_assign_views'].default)
+        queue = EmbeddingQueue(args.swav_queue_size // world_size, n_assign, model.projector.out_dim, device)
+
     # resume
     ckpt_path = os.path.join(args.output_dir, 'checkpoint.pth')
-    start_epoch, start_batch = 0, 0
+    start_epoch, start_batch, skipped = 0, 0, 0
     if os.path.exists(ckpt_path):
         ck = utils.load_checkpoint_file(ckpt_path)
         net.load_state_dict(ck['model'])
@@ -407,8 +548,11 @@ def main(args):
         probe_opt.load_state_dict(ck['probe_opt'])
         scaler.load_state_dict(ck['scaler'])
         start_epoch, start_batch = ck['epoch'], ck['batch']
+        skipped = int(ck.get('skipped_steps', 0))  # --nan_policy skip's count runs over the whole run
         if ck.get('rng') and rank < len(ck['rng']):
             utils.set_rng_state(ck['rng'][rank])
+        if queue is not None and ck.get('swav_queue') and rank < len(ck['swav_queue']):
+            queue.load_state_dict(ck['swav_queue'][rank])
         print(f"| resumed from {ckpt_path}: epoch {start_epoch}, batch {start_batch}")
 
     if args.compile:
@@ -418,7 +562,8 @@ def main(args):
     loader = data.build_ssl_loader(args.data_path, per_rank, args.num_views, args.res, recipe=args.recipe,
                                    channels=args.channels, workers=args.workers, seed=args.seed,
                                    distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
-                                   scale=(args.crop_min_scale, 1.0))
+                                   scale=(args.crop_min_scale, 1.0), small_views=args.num_small_views,
+                                   small_res=args.small_res, small_scale=tuple(args.small_scale))
     ctx = {'device': device, 'world_size': world_size, 'amp': utils.autocast_ctx(args.dtype, device),
            'num_classes': num_classes, 'ckpt_path': ckpt_path, 'start_batch': start_batch, 'diag_views': None}
     if args.val_path and args.diag_batch:
@@ -433,16 +578,20 @@ def main(args):
         ctx['knn_val'] = data.build_eval_loader(args.val_path, 512, args.res, channels=args.channels,
                                                 workers=args.workers, device=device, rank=rank, world_size=world_size,
                                                 norm_from=args.data_path)
-    loss_fn = make_loss_fn(args, teacher)
+    loss_fn = make_loss_fn(args, teacher, queue)
 
     def save(epoch, batch):
-        rngs = [None] * world_size
+        rngs, queues = [None] * world_size, [None] * world_size
         torch.distributed.all_gather_object(rngs, utils.rng_state())
+        if queue is not None:
+            torch.distributed.all_gather_object(queues, queue.state_dict())
         state = {'model': utils.unwrap(ddp_model).state_dict(), 'teacher': teacher.state_dict() if teacher else None,
                  'optimizer': optimizer.state_dict(), 'probe_opt': probe_opt.state_dict(),
-                 'scaler': scaler.state_dict(), 'epoch': epoch, 'batch': batch, 'rng': rngs, 'args': vars(args)}
+                 'scaler': scaler.state_dict(), 'epoch': epoch, 'batch': batch, 'rng': rngs, 'args': vars(args),
+                 'swav_queue': queues if queue is not None else None, 'skipped_steps': ctx['skipped']}
         utils.save_on_master(state, ckpt_path)
     ctx['save'] = save
+    ctx['skipped'], ctx['queue'] = skipped, queue
 
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, _on_signal)
@@ -454,6 +603,8 @@ def main(args):
             utils.cleanup_distributed()
             return
         loader.set_epoch(epoch)
+        if queue is not None:
+            queue.active = epoch >= args.swav_queue_start_epoch
         try:
             train_stats = train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, loader,
                                           epoch, args, ctx)

@@ -167,10 +167,14 @@ def eval_pixels(path, res, channels, **kw):
     return x, torch.cat(ys), torch.cat(ids)
 
 
+def _clone(v):
+    return [t.clone() for t in v] if isinstance(v, list) else v.clone()
+
+
 def ssl_batches(path, epochs=1, **kw):
     kw = dict(dict(batch_size=8, num_views=2, res=12, recipe='cifar', workers=1, seed=3), **kw)
     ld = data.build_ssl_loader(path, **kw)
-    return ld, [[(v.clone(), y.clone()) for v, y in ld] for _ in range(epochs)]
+    return ld, [[(_clone(v), y.clone()) for v, y in ld] for _ in range(epochs)]
 
 
 # ---- writers and sidecars ----
@@ -390,6 +394,36 @@ def test_decode_once_matches_per_view_decoding(betons):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(once, per))
 
 
+def test_multi_crop_two_sizes_from_one_decode(betons):
+    """K small crops of another size: [large (B, V, C, R, R), small (B, K, C, r, r)]; the large
+    views equal a loader without small views; small crops are crops of the same image with
+    their own area range; a resumed epoch replays both groups."""
+    kw = dict(batch_size=8, num_views=2, res=12, recipe='imagenet', channels=1)
+    ld, (mc,) = ssl_batches(betons['idx'], small_views=3, small_res=6, scale=(0.14, 1.0), **kw)
+    _, (plain,) = ssl_batches(betons['idx'], scale=(0.14, 1.0), **kw)
+    (large, small), y = mc[0]
+    assert large.shape == (8, 2, 1, 12, 12) and small.shape == (8, 3, 1, 6, 6)
+    assert all(torch.equal(a[0][0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(mc, plain))
+    m_l, m_s = large.mean((2, 3, 4)), small.mean((2, 3, 4))
+    same = (m_l[:, :1] - m_s).abs().mean()
+    other = (m_l.roll(1, 0)[:, :1] - m_s).abs().mean()
+    assert same < 0.5 * other
+    assert not torch.equal(small[:, 0], small[:, 1])
+    ld.set_epoch(0)
+    tail = list(ld.iter_from(3))
+    assert all(torch.equal(a[0][1], b[0][1]) for a, b in zip(tail, mc[3:]))
+    # the small views hash as views V.., so their boxes follow small_scale, not scale
+    key = data._epoch_key(3, 0)
+    lr = (np.log(3 / 4), np.log(4 / 3))
+    for s in range(50):
+        i, j, h, w = data._rrc_box(key, s, 2, 16, 16, 0.05, 0.14, *lr)
+        assert h * w <= 0.14 * 256 * 1.3
+    with pytest.raises(ValueError, match='small'):
+        data.build_ssl_loader(betons['idx'], 8, 2, 12, small_views=2, small_res=20)
+    with pytest.raises(ValueError, match='small'):
+        data.build_ssl_loader(betons['idx'], 8, 2, 12, recipe='noise', small_views=2, small_res=6)
+
+
 def test_noise_recipe(betons):
     _, (b,) = ssl_batches(betons['idx'], recipe='noise', num_views=3, res=16, channels=1,
                           noise_std=0.05)
@@ -409,6 +443,9 @@ out = {}
 for name, path in json.loads(sys.argv[2]).items():
     ld = data.build_ssl_loader(path, 8, 3, 12, recipe='imagenet', workers=2, seed=3)
     out[name] = [(v, y) for v, y in ld]
+    ld = data.build_ssl_loader(path, 8, 2, 12, recipe='imagenet', workers=2, seed=3,
+                               small_views=2, small_res=6)
+    out[name + '_mc'] = [(v, y) for v, y in ld]
 torch.save(out, sys.argv[3])
 '''
 
@@ -430,6 +467,9 @@ def test_numba_compiled_pipeline_matches_python(betons, tmp_path):
         assert len(jit[k]) == len(ref) == N_IDX // 8
         for (va, ya), (vb, yb) in zip(ref, jit[k]):
             assert torch.equal(va, vb) and torch.equal(ya, yb)
+        _, (ref,) = ssl_batches(path, recipe='imagenet', num_views=2, small_views=2, small_res=6)
+        for (va, ya), (vb, yb) in zip(ref, jit[k + '_mc']):  # multi-crop: flat two-size buffer
+            assert all(torch.equal(a, b) for a, b in zip(va, vb)) and torch.equal(ya, yb)
 
 
 def test_distributed_shards(betons):
