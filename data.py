@@ -567,6 +567,180 @@ def _center_box(h, w, ratio):
     return (h - c) // 2, (w - c) // 2, c, c
 
 
+# ---- colour augmentation inside the decoder (CPU path): per view, from the counter hash --------
+
+# per view type, a float64 row: b, c, s, h strengths, jitter p, gray p, blur p, sigma lo, sigma hi,
+# solarize p, blur radius
+_P_JITTER, _P_GRAY, _P_BLUR, _P_SIG, _P_SOL, _P_RADIUS = 4, 5, 6, 7, 9, 10
+_COLOUR_DRAW = 40  # hash draws 40..52 (crops use 0..21 and 30)
+
+
+def colour_table(specs):
+    """(T, 11) float64 table of a list of ColourSpec (view type t = row t) for the decoder path;
+    None when every spec is the identity."""
+    if all(sp.is_identity for sp in specs):
+        return None
+    if any(sp.noise_std for sp in specs):
+        raise ValueError("the decoder colour path has no Gaussian-noise views (use colour='torch')")
+    return np.array([[*sp.jitter, sp.jitter_prob, sp.gray_prob, sp.blur_prob, *sp.blur_sigma,
+                      sp.solarize_prob, math.ceil(3 * sp.blur_sigma[1])] for sp in specs],
+                    dtype=np.float64)
+
+
+@numba.njit(cache=True)
+def _colour_params(key, sample, view, p):
+    """One view's random colour parameters from the counter hash: [jitter?, brightness,
+    contrast, saturation, hue factors, order of the 4 ops (4 entries), gray?, blur?, sigma,
+    solarize?] (14 floats). Same distribution as ViewAugment.sample_params."""
+    out = np.zeros(14)
+    u = _uniform(key, sample, view, _COLOUR_DRAW)
+    out[0] = 1.0 if u < p[_P_JITTER] else 0.0
+    for k in range(3):
+        lo, hi = max(0.0, 1.0 - p[k]), 1.0 + p[k]
+        out[1 + k] = lo + (hi - lo) * _uniform(key, sample, view, _COLOUR_DRAW + 1 + k)
+    out[4] = -p[3] + 2.0 * p[3] * _uniform(key, sample, view, _COLOUR_DRAW + 4)
+    keys = np.empty(4)
+    for k in range(4):
+        keys[k] = _uniform(key, sample, view, _COLOUR_DRAW + 5 + k)
+    order = np.argsort(keys)
+    for k in range(4):
+        out[5 + k] = order[k]
+    out[9] = 1.0 if _uniform(key, sample, view, _COLOUR_DRAW + 9) < p[_P_GRAY] else 0.0
+    out[10] = 1.0 if _uniform(key, sample, view, _COLOUR_DRAW + 10) < p[_P_BLUR] else 0.0
+    lo, hi = p[_P_SIG], p[_P_SIG + 1]
+    out[11] = lo + (hi - lo) * _uniform(key, sample, view, _COLOUR_DRAW + 11)
+    out[12] = 1.0 if _uniform(key, sample, view, _COLOUR_DRAW + 12) < p[_P_SOL] else 0.0
+    return out
+
+
+@numba.njit(cache=True)
+def _clamp01(v):
+    return np.float32(0.0) if v < 0 else (np.float32(1.0) if v > 1 else v)
+
+
+def colour_scratch_size(res, max_radius):
+    """float32 scratch per sample that _apply_colour needs for views of side <= res."""
+    return 2 * res * res * 3 + 3 * (res + 2 * max_radius)
+
+
+@numba.njit(cache=True)
+def _apply_colour(o, scratch, q, max_radius):
+    """Apply parameters q (from _colour_params) to one view o (h, w, 3) uint8, in place, working
+    in float32 on `scratch` (colour_scratch_size floats); the ops of ViewAugment.apply in its
+    order (jitter steps, gray, blur, solarize), rounded to uint8 once at the end. Flat loops over
+    contiguous memory so that LLVM vectorises them."""
+    jit, gray, blur, sol = q[0] > 0, q[9] > 0, q[10] > 0, q[12] > 0
+    if not (jit or gray or blur or sol):
+        return
+    h, w = o.shape[0], o.shape[1]
+    npix = h * w
+    n = npix * 3
+    src = o.reshape(n)
+    x = scratch[:n]
+    wr, wg, wb = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
+    one, six = np.float32(1.0), np.float32(6.0)
+    inv = np.float32(1.0 / 255.0)
+    for k in range(n):
+        x[k] = np.float32(src[k]) * inv
+    if jit:
+        for step in range(4):
+            op = int(q[5 + step])
+            f = np.float32(q[1 + op])
+            if op == 0:  # brightness: blend with black
+                for k in range(n):
+                    x[k] = _clamp01(f * x[k])
+            elif op == 1:  # contrast: blend with the mean luma of the image
+                m = np.float64(0.0)  # float64 sum in JIT and plain-Python mode alike
+                for p in range(npix):
+                    m += wr * x[3 * p] + wg * x[3 * p + 1] + wb * x[3 * p + 2]
+                mf = np.float32(m / npix) * (one - f)
+                for k in range(n):
+                    x[k] = _clamp01(f * x[k] + mf)
+            elif op == 2:  # saturation: blend with the pixel's luma
+                g1 = one - f
+                for p in range(npix):
+                    g = (wr * x[3 * p] + wg * x[3 * p + 1] + wb * x[3 * p + 2]) * g1
+                    x[3 * p] = _clamp01(f * x[3 * p] + g)
+                    x[3 * p + 1] = _clamp01(f * x[3 * p + 1] + g)
+                    x[3 * p + 2] = _clamp01(f * x[3 * p + 2] + g)
+            else:  # hue: rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
+                shift = six * np.float32(q[4])
+                for p in range(npix):
+                    r, g, b = x[3 * p], x[3 * p + 1], x[3 * p + 2]
+                    mx = max(r, max(g, b))
+                    delta = mx - min(r, min(g, b))
+                    sat = delta / (mx if mx > 0 else one)
+                    d = delta if delta > 0 else one
+                    hh = ((g - b) / d if mx == r else
+                          (np.float32(2.0) + (b - r) / d if mx == g else np.float32(4.0) + (r - g) / d))
+                    h6 = hh + shift  # in [-4, 8): remainder mod 6 by one conditional add/subtract
+                    h6 = h6 + six if h6 < 0 else (h6 - six if h6 >= six else h6)
+                    vs = mx * sat
+                    k0 = h6 + np.float32(5.0)
+                    k0 = k0 - six if k0 >= six else k0
+                    k1 = h6 + np.float32(3.0)
+                    k1 = k1 - six if k1 >= six else k1
+                    k2 = h6 + one
+                    k2 = k2 - six if k2 >= six else k2
+                    x[3 * p] = mx - vs * _clamp01(min(k0, np.float32(4.0) - k0))
+                    x[3 * p + 1] = mx - vs * _clamp01(min(k1, np.float32(4.0) - k1))
+                    x[3 * p + 2] = mx - vs * _clamp01(min(k2, np.float32(4.0) - k2))
+    if gray:
+        for p in range(npix):
+            g = wr * x[3 * p] + wg * x[3 * p + 1] + wb * x[3 * p + 2]
+            x[3 * p] = g
+            x[3 * p + 1] = g
+            x[3 * p + 2] = g
+    if blur:  # separable Gaussian, reflect padding: rows (padded copy) into t, then columns
+        rad = min(max_radius, h - 1, w - 1)
+        sigma = np.float32(q[11])
+        nk = 2 * rad + 1
+        ker = np.empty(nk, dtype=np.float32)
+        total = np.float32(0.0)
+        for a in range(nk):  # every step float32 (identical with the JIT off)
+            d = np.float32(a - rad) / sigma
+            ker[a] = np.exp(np.float32(-0.5) * d * d)
+            total += ker[a]
+        for a in range(nk):
+            ker[a] = ker[a] / total
+        t = scratch[n:2 * n]
+        pad = scratch[2 * n:2 * n + 3 * (w + 2 * rad)]
+        w3 = 3 * w
+        for i in range(h):
+            row = x[i * w3:(i + 1) * w3]
+            for jj in range(w + 2 * rad):
+                j = jj - rad
+                j = -j if j < 0 else (2 * (w - 1) - j if j >= w else j)
+                pad[3 * jj] = row[3 * j]
+                pad[3 * jj + 1] = row[3 * j + 1]
+                pad[3 * jj + 2] = row[3 * j + 2]
+            out = t[i * w3:(i + 1) * w3]
+            for k in range(w3):
+                out[k] = 0
+            for a in range(nk):
+                ka = ker[a]
+                for k in range(w3):
+                    out[k] += ka * pad[3 * a + k]
+        for i in range(h):
+            out = x[i * w3:(i + 1) * w3]
+            for k in range(w3):
+                out[k] = 0
+            for a in range(nk):
+                ii = i + a - rad
+                ii = -ii if ii < 0 else (2 * (h - 1) - ii if ii >= h else ii)
+                ka = ker[a]
+                row = t[ii * w3:(ii + 1) * w3]
+                for k in range(w3):
+                    out[k] += ka * row[k]
+    half, top = np.float32(0.5), np.float32(255.0)
+    for k in range(n):
+        v = x[k]
+        if sol and v >= half:
+            v = one - v
+        v = v * top + half
+        src[k] = np.uint8(np.float32(0.0) if v < 0 else (top if v > top else v))
+
+
 # ---- ffcv operation: decode once, cut V views ------------------------------------------------
 
 class DecodeViews(Operation):
@@ -587,7 +761,7 @@ class DecodeViews(Operation):
     """
     def __init__(self, res, num_views=1, mode='random', scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  flip_prob=0.5, center_ratio=1.0, seed=0, view_offset=0, small_views=0,
-                 small_res=96, small_scale=(0.05, 0.14)):
+                 small_res=96, small_scale=(0.05, 0.14), colour=None):
         super().__init__()
         if mode not in ('random', 'center'):
             raise ValueError(f"DecodeViews mode is 'random' or 'center', not {mode!r}")
@@ -599,6 +773,8 @@ class DecodeViews(Operation):
         self.view_offset = int(view_offset)
         self.small_views, self.small_res = int(small_views), int(small_res)
         self.small_scale = tuple(small_scale)
+        self.colour = colour  # colour_table(specs) or None: colour ops here, on the CPU
+        self.colour_radius = int(colour[:, _P_RADIUS].max()) if colour is not None else 0
 
     @property
     def flat_sizes(self):
@@ -625,9 +801,11 @@ class DecodeViews(Operation):
         if self.small_views:  # two sizes in one flat buffer: decode once for all V + K crops
             out = (sum(self.flat_sizes),)
         u1 = np.dtype('<u1')
+        cscratch = colour_scratch_size(self.res, self.colour_radius) if self.colour is not None else 1
         return (replace(previous_state, jit_mode=True, shape=out, dtype=u1),
                 (AllocationQuery(out, u1), AllocationQuery((scratch,), u1),
-                 AllocationQuery((1,), np.dtype('<i8'))))
+                 AllocationQuery((1,), np.dtype('<i8')),
+                 AllocationQuery((cscratch,), np.dtype('<f4'))))
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
@@ -639,8 +817,11 @@ class DecodeViews(Operation):
         gray = self._gray
         gh, gw = (int(self.field.shape[0]), int(self.field.shape[1])) if gray else (0, 0)
 
-        def cut_views(img, out, key, s, h, w):
-            """img (h, w, 3) -> out (V, res, res, 3): one crop (+ flip) per view."""
+        colour = self.colour if self.colour is not None else np.zeros((1, 11))
+        has_colour, n_types, radius = self.colour is not None, len(colour), self.colour_radius
+
+        def cut_views(img, out, key, s, h, w, cs):
+            """img (h, w, 3) -> out (V, res, res, 3): one crop (+ flip) (+ colour) per view."""
             for v in range(V):
                 view = offset + v
                 if random_mode:
@@ -655,16 +836,18 @@ class DecodeViews(Operation):
                               o.shape[0], o.shape[1])
                 if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
                     o[:] = o[:, ::-1].copy()
+                if has_colour:
+                    _apply_colour(o, cs, _colour_params(key, s, view, colour[v % n_types]), radius)
 
         K, r = self.small_views, self.small_res
         nbig = self.flat_sizes[0]
         cut_large = Compiler.compile(cut_views)
         ssmin, ssmax = float(self.small_scale[0]), float(self.small_scale[1])
 
-        def cut_multi(img, out, key, s, h, w):
+        def cut_multi(img, out, key, s, h, w, cs):
             """img -> flat out: V large crops (res) then K small crops (small_res, small_scale);
             small view k hashes as view index offset + V + k."""
-            cut_large(img, out[:nbig].reshape(V, res, res, 3), key, s, h, w)
+            cut_large(img, out[:nbig].reshape(V, res, res, 3), key, s, h, w, cs)
             small = out[nbig:].reshape(K, r, r, 3)
             for k in range(K):
                 view = offset + V + k
@@ -674,6 +857,8 @@ class DecodeViews(Operation):
                               o.shape[0], o.shape[1])
                 if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
                     o[:] = o[:, ::-1].copy()
+                if has_colour:  # view types restart at the first small view
+                    _apply_colour(o, cs, _colour_params(key, s, view, colour[k % n_types]), radius)
 
         cut = Compiler.compile(cut_multi if K else cut_views)
 
@@ -681,7 +866,7 @@ class DecodeViews(Operation):
         # NDArrayField stores a bare pointer per sample, RGBImageField a record.
         if gray:
             def decode(batch_indices, my_storage, metadata, storage_state):
-                dst, scratch, epoch_buf = my_storage
+                dst, scratch, epoch_buf, cscratch = my_storage
                 key = _epoch_key(seed, epoch_buf[0, 0])
                 for b in my_range(len(batch_indices)):
                     s = np.int64(batch_indices[b])
@@ -689,11 +874,11 @@ class DecodeViews(Operation):
                     img = scratch[b][:gh * gw * 3].reshape(gh, gw, 3)
                     for c in range(3):
                         img[:, :, c] = plane
-                    cut(img, dst[b], key, s, gh, gw)
+                    cut(img, dst[b], key, s, gh, gw, cscratch[b])
                 return dst[:len(batch_indices)]
         else:
             def decode(batch_indices, my_storage, metadata, storage_state):
-                dst, scratch, epoch_buf = my_storage
+                dst, scratch, epoch_buf, cscratch = my_storage
                 key = _epoch_key(seed, epoch_buf[0, 0])
                 for b in my_range(len(batch_indices)):
                     s = np.int64(batch_indices[b])
@@ -707,7 +892,7 @@ class DecodeViews(Operation):
                         img = buf[:h * w * 3].reshape(h, w, 3)
                     else:
                         img = data.reshape(h, w, 3)
-                    cut(img, dst[b], key, s, h, w)
+                    cut(img, dst[b], key, s, h, w, cscratch[b])
                 return dst[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -1147,7 +1332,8 @@ class SSLLoader:
                 gen = torch.Generator().manual_seed(_mix_seed(aug_seed, epoch, k, *[2] * g))
                 noise_gen = torch.Generator(device=dev).manual_seed(
                     _mix_seed(aug_seed, epoch, k, 1, *[2] * g))
-                x = self.augment(x, gen, noise_gen, inplace=True)
+                if self.augment is not None:  # colour ops in torch (else done in the decoder)
+                    x = self.augment(x, gen, noise_gen, inplace=True)
                 views.append(_finish(x, self.channels, self.mean, self.std,
                                      self.info['channels'] == 1))
             self._position = (epoch, k + 1)
@@ -1159,7 +1345,7 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
                      seed=0, distributed=False, rank=0, world_size=1, device='cpu',
                      drop_last=True, scale=(0.08, 1.0), order='random', blur_prob=0.0,
                      noise_std=0.1, decode_once=True, indices=None, small_views=0, small_res=96,
-                     small_scale=(0.05, 0.14)):
+                     small_scale=(0.05, 0.14), colour='auto'):
     """Multi-view SSL loader over a beton written by `write_beton` (see `SSLLoader`).
 
     batch_size: images per rank per batch (each with num_views views); res: output side;
@@ -1174,6 +1360,11 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     and sharding act on this subset, and len(loader) counts it. small_views K > 0: multi-crop,
     K extra crops of side small_res with area range small_scale from the same decode (pass
     scale=(0.14, 1) for the SwAV/DINO large crops); batches then hold [large, small].
+    colour: where the per-view colour ops run. 'decoder': inside the ffcv decoder, per view right
+    after its crop, on the CPU worker threads (numba, uint8 out; random parameters from the
+    counter hash per (sample, view)); 'torch': ViewAugment's batched torch ops on `device`
+    (random parameters per batch from a torch generator); 'auto' (default): 'torch' when
+    `device` is a GPU, else 'decoder'. Both draw from the same distribution (SPEC §7).
     """
     info = beton_info(path)
     _check_common(info, res, channels, workers, batch_size)
@@ -1186,6 +1377,11 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     if order not in ('random', 'sequential'):
         raise ValueError(f"order is 'random' or 'sequential', not {order!r}")
     specs = recipe_specs(recipe, blur_prob, noise_std)
+    if colour == 'auto':
+        colour = 'torch' if torch.device(device).type != 'cpu' or recipe == 'noise' else 'decoder'
+    if colour not in ('decoder', 'torch'):
+        raise ValueError(f"colour is 'auto', 'decoder' or 'torch', not {colour!r}")
+    table = colour_table(specs) if colour == 'decoder' else None
     aug_seed = seed + rank
     tail = _image_pipeline_tail(device)
     if small_views < 0 or (small_views and not 1 <= small_res <= res):
@@ -1197,9 +1393,10 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
         ops = [DecodeViews(res, 1, mode='center', flip_prob=0.0, seed=aug_seed)]
     elif decode_once:
         ops = [DecodeViews(res, num_views, scale=scale, seed=aug_seed, small_views=small_views,
-                           small_res=small_res, small_scale=small_scale)]
+                           small_res=small_res, small_scale=small_scale, colour=table)]
     else:
-        ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v)
+        ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v,
+                           colour=None if table is None else np.roll(table, -v, axis=0))
                for v in range(num_views)]
     pipelines = {'image': PipelineSpec('image', decoder=ops[0], transforms=list(tail)),
                  'label': [IntDecoder()] + _image_pipeline_tail(device)}
@@ -1210,8 +1407,9 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     subset = None if indices is None else _check_indices(indices, info)
     loader = _ffcv_loader(path, batch_size, workers, traversal, seed, subset, pipelines, drop_last)
     mean, std = norm_stats(info, channels)
+    augment = ViewAugment(specs) if colour == 'torch' else None
     return SSLLoader(loader, ops, info, batch_size, num_views, res, channels, device, seed, rank,
-                     ViewAugment(specs), mean, std)
+                     augment, mean, std)
 
 
 # ---- evaluation loader --------------------------------------------------------------------------

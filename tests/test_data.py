@@ -369,8 +369,9 @@ def test_fixed_seed_identical_and_epochs_differ(betons):
     assert not torch.equal(e0[0][0], other[0][0])
 
 
-def test_resume_mid_epoch(betons):
-    ld, (full,) = ssl_batches(betons['idx'], recipe='imagenet', num_views=4)
+@pytest.mark.parametrize('colour', ['decoder', 'torch'])
+def test_resume_mid_epoch(betons, colour):
+    ld, (full,) = ssl_batches(betons['idx'], recipe='imagenet', num_views=4, colour=colour)
     ld.set_epoch(0)
     tail = [v for v, _ in ld.iter_from(2)]
     assert len(tail) == len(full) - 2
@@ -380,16 +381,18 @@ def test_resume_mid_epoch(betons):
     next(it), next(it), next(it)
     state = ld.state_dict()
     assert state == {'epoch': 0, 'batch': 3}
-    ld2 = data.build_ssl_loader(betons['idx'], 8, 4, 12, recipe='imagenet', workers=1, seed=3)
+    ld2 = data.build_ssl_loader(betons['idx'], 8, 4, 12, recipe='imagenet', workers=1, seed=3,
+                                colour=colour)
     ld2.load_state_dict(state)
     rest = [v for v, _ in ld2]
     assert all(torch.equal(a, b[0]) for a, b in zip(rest, full[3:])) and len(rest) == 2
     assert ld2.epoch == 1 and ld2.state_dict() == {'epoch': 1, 'batch': 0}
 
 
-def test_decode_once_matches_per_view_decoding(betons):
-    _, (once,) = ssl_batches(betons['folder'], batch_size=4, num_views=3, recipe='crop')
-    _, (per,) = ssl_batches(betons['folder'], batch_size=4, num_views=3, recipe='crop',
+@pytest.mark.parametrize('recipe', ['crop', 'imagenet'])
+def test_decode_once_matches_per_view_decoding(betons, recipe):
+    _, (once,) = ssl_batches(betons['folder'], batch_size=4, num_views=3, recipe=recipe)
+    _, (per,) = ssl_batches(betons['folder'], batch_size=4, num_views=3, recipe=recipe,
                             decode_once=False)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(once, per))
 
@@ -548,6 +551,60 @@ def test_view_augment_parameter_rates():
     assert (counts - 0.25).abs().max() < tol
     aug = data.ViewAugment([a, b])
     assert aug.view_types(4) == [0, 1, 0, 1]
+
+
+def _decoder_params(spec_row, n, view, seed=0):
+    """The decoder path's parameters of n samples (hash draws), in sample_params' layout."""
+    key = data._epoch_key(seed, 0)
+    q = np.stack([data._colour_params(key, s, view, spec_row) for s in range(n)])
+    return dict(jitter=torch.from_numpy(q[:, 0] > 0), factors=torch.from_numpy(q[:, 1:5]).float(),
+                order=torch.from_numpy(q[:, 5:9]).long(), gray=torch.from_numpy(q[:, 9] > 0),
+                blur=torch.from_numpy(q[:, 10] > 0), sigma=torch.from_numpy(q[:, 11]).float(),
+                solarize=torch.from_numpy(q[:, 12] > 0)), q
+
+
+def test_decoder_colour_parameter_rates():
+    """The decoder path (colour='decoder') draws from the distribution of ViewAugment.sample_params:
+    exact per-view probabilities, factor ranges, uniform op order; view types A/B of 'imagenet'."""
+    table = data.colour_table(data.recipe_specs('imagenet'))
+    n, tol = 20000, 0.012
+    (pa, _), (pb, _) = _decoder_params(table[0], n, 0), _decoder_params(table[1], n, 1)
+    for p in (pa, pb):
+        assert abs(p['gray'].float().mean() - 0.2) < tol
+        assert abs(p['jitter'].float().mean() - 0.8) < tol
+        f = p['factors']
+        assert 0.6 <= f[:, 0].min() and f[:, 0].max() <= 1.4 and 0.8 <= f[:, 2].min() and f[:, 2].max() <= 1.2
+        assert abs(f[:, 0].mean() - 1) < tol and abs(f[:, 0].std() - 0.8 / 12 ** 0.5) < tol  # uniform
+        assert f[:, 3].abs().max() <= 0.1 and abs(f[:, 3].std() - 0.2 / 12 ** 0.5) < tol
+        assert torch.equal(p['order'].sort(1).values, torch.arange(4).expand(n, 4))
+        assert (torch.bincount(p['order'][:, 0], minlength=4).float() / n - 0.25).abs().max() < tol
+        assert p['sigma'].min() >= 0.1 and p['sigma'].max() <= 2.0
+    assert pa['blur'].all() and not pa['solarize'].any()
+    assert abs(pb['blur'].float().mean() - 0.1) < tol and abs(pb['solarize'].float().mean() - 0.2) < tol
+    # independent of each other and of the crop draws: gray and jitter uncorrelated
+    both = (pa['gray'] & pa['jitter']).float().mean()
+    assert abs(both - 0.16) < tol
+    assert data.colour_table(data.recipe_specs('crop')) is None
+
+
+def test_decoder_colour_ops_equal_torch_ops():
+    """Given the same parameters, the decoder's numba colour ops equal ViewAugment.apply (the torch
+    ops that match torchvision) up to the final rounding to uint8 (<= 1 level)."""
+    specs = data.recipe_specs('imagenet')
+    table = data.colour_table(specs)
+    rng = np.random.default_rng(0)
+    for view in (0, 1):
+        p, q = _decoder_params(table[view], 24, view, seed=5)
+        imgs = rng.integers(0, 256, size=(24, 20, 20, 3), dtype=np.uint8)
+        imgs = np.repeat(np.repeat(imgs[:, ::2, ::2], 2, 1), 2, 2)  # some smoothness
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+        ref = (data.ViewAugment.apply(x, p, specs[view]).permute(0, 2, 3, 1) * 255).round()
+        for i in range(24):
+            o = imgs[i].copy()
+            scratch = np.empty(data.colour_scratch_size(20, int(table[view, 10])), np.float32)
+            data._apply_colour(o, scratch, q[i], int(table[view, 10]))
+            assert np.abs(o.astype(np.float64) - ref[i].numpy()).max() <= 1.0, (view, i, q[i])
+        assert (q[:, 0] > 0).any() and (q[:, 9] > 0).any() and (q[:, 10] > 0).any()
 
 
 def test_colour_ops_match_torchvision():
