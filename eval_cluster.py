@@ -306,6 +306,8 @@ def main(args):
     if args.features == 'projector' and projector is None:
         utils.fail(f"--features projector needs a checkpoint.pth (full model); {args.weights} holds only a backbone")
     resolve_paths(args, a)
+    used = {args.split} | ({'train', 'test'} if args.nearest_subspace else set())
+    utils.eval_input(args, a, [data.beton_info(args.data_path if s == 'train' else args.val_path) for s in sorted(used)])
     utils.prepare_output_dir(args)
     nets = {'backbone': backbone.to(device).eval()}
     if projector is not None:

@@ -175,11 +175,10 @@ def model_features(weights, init, args, device):
     if projector is not None:
         nets['projector'] = projector.to(device).eval()
     amp = utils.autocast_ctx(args.dtype, device)
-    res, ch = args.res or a.res, args.channels or a.channels
     path = args.val_path or a.val_path
     if not path:
         utils.fail(f"{weights} records no --val_path; pass --val_path (the test beton)")
-    data.beton_info(path)
+    res, ch = utils.eval_input(args, a, [data.beton_info(path)])
     loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers, device=device)
     clean, _ = embed(nets, ((x, y) for x, y, _ in loader), device, amp, args.num_images)
     v = args.num_views

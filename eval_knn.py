@@ -51,10 +51,8 @@ def get_args_parser():
     return p
 
 
-def compute_features(args, device):
-    net, a = utils.load_pretrained(args.weights, args.features, load_weights=args.init == 'pretrained', seed=args.seed)
+def compute_features(args, net, res, ch, device):
     net = net.to(device).eval()
-    res, ch = args.res or a.res, args.channels or a.channels
     amp = utils.autocast_ctx(args.dtype, device)
     out = {}
     for split, path in (('train', args.data_path), ('test', args.val_path)):
@@ -76,13 +74,16 @@ def main(args):
             utils.fail('--weights is needed (a run folder, checkpoint.pth or backbone.pth) unless --load_features is given')
         if not (args.data_path and args.val_path):
             utils.fail('--data_path (bank) and --val_path (queries) are needed unless --load_features is given')
-        data.beton_info(args.data_path)
-        data.beton_info(args.val_path)
+        infos = [data.beton_info(args.data_path), data.beton_info(args.val_path)]
+        # the network and its input checks before the run folder: a refusal leaves nothing behind
+        net, a = utils.load_pretrained(args.weights, args.features, load_weights=args.init == 'pretrained',
+                                       seed=args.seed)
+        res, ch = utils.eval_input(args, a, infos)
     utils.prepare_output_dir(args)
     if args.load_features:
         feats = utils.load_checkpoint_file(args.load_features)
     else:
-        feats = compute_features(args, device)
+        feats = compute_features(args, net, res, ch, device)
         if args.dump_features and utils.is_main_process():
             utils.save_on_master(feats, os.path.join(args.output_dir, 'features.pth'))
     (tr_f, tr_y), (te_f, te_y) = feats['train'], feats['test']

@@ -230,7 +230,7 @@ def main(args):
     info = data.beton_info(args.data_path)
     args.num_clusters = args.num_clusters or info['num_classes']
     args.recipe = args.recipe or src.recipe
-    res, channels = args.res or src.res, args.channels or src.channels
+    res, channels = utils.eval_input(args, src, [info])
     if not is_cluster_run:
         net, _ = build_cluster_net(file, args.z_dim, args.num_clusters, seed=args.seed)
     utils.prepare_output_dir(args)

@@ -3,15 +3,14 @@
     python train_linear.py --weights runs/ssl --data_path train.beton --val_path test.beton
     torchrun --nproc_per_node=8 train_linear.py --weights runs/ssl/backbone.pth ... --cache_features 0
 
-Two protocols; results.json names the one used:
+Two protocols; results.json names the one used (and its train augmentation):
 - cached-centre-crop (--cache_features 1, default): one pass of backbone features on centre
   crops, then the heads train on that cache. Minutes instead of hours, and typically a little
   lower than rrc-flip (no augmentation). The features can also come from --load_features.
-- rrc-flip (--cache_features 0): every step a RandomResizedCrop + flip of each image goes
-  through the frozen backbone (SPEC §8; MoCo v3's main_lincls). For now the crops are cut on
-  the device from an in-memory cache of the centre-crop images (exact for CIFAR / Fashion-MNIST
-  stored at the model's resolution; ImageNet needs data.build_ssl_loader(indices=), see
-  build_train_source).
+- rrc-flip (--cache_features 0): every step a RandomResizedCrop(--crop_min_scale, 1) + flip of
+  each WHOLE stored image goes through the frozen backbone (SPEC §8; MoCo v3's main_lincls),
+  streamed from the beton by data.build_ssl_loader over the train split's indices: nothing of
+  the train set is held in memory, so it works at ImageNet size.
 A seeded, class-stratified --val_fraction of the train beton is held out of training; the
 (lr, epoch) with the best validation top-1 is chosen before test is looked at, and its test
 top-1/top-5 is the reported number. The best test number over all (lr, epoch), the papers'
@@ -104,24 +103,17 @@ def check_args(args, world_size):
                    '(choosing on test is the habit this script exists to avoid)')
     if args.load_features and not args.cache_features:
         utils.fail('--load_features trains on cached features: it needs --cache_features 1')
+    if not 0 < args.crop_min_scale <= 1:
+        utils.fail(f'--crop_min_scale must be in (0, 1], got {args.crop_min_scale}')
 
 
 # ---- features ----------------------------------------------------------------------------------
 
-@torch.no_grad()
-def features_of(net, images, batch_size, device, amp):
-    """Frozen-network features of in-memory images (the validation split of the rrc protocol)."""
-    out = [torch.empty(0)]
-    for s in range(0, len(images), batch_size):
-        with amp:
-            out.append(net(images[s:s + batch_size].to(device)).float().cpu())
-    return torch.cat(out)
-
-
 def prepare_data(args, info, net, device, amp):
-    """-> dict: train source tensors (features, or images for rrc-flip), the fixed val/test
-    features, the held-out indices, and the number of classes (from the beton's sidecar, so a
-    class absent from a small split still gets its logit; a features file may carry it too)."""
+    """-> dict: the train source (cached: features and labels; rrc-flip: the train split's beton
+    indices and labels, images are streamed later), the fixed val/test features, the held-out
+    indices, and the number of classes (from the beton's sidecar, so a class absent from a small
+    split still gets its logit; a features file may carry it too)."""
     if args.load_features:
         ck = utils.load_checkpoint_file(args.load_features)
         if not (isinstance(ck, dict) and 'train' in ck and 'test' in ck):
@@ -132,49 +124,58 @@ def prepare_data(args, info, net, device, amp):
                 'test': tuple(test), 'val_idx': val_idx, 'num_classes': ck.get('num_classes')}
     rank, ws = utils.get_rank(), utils.get_world_size()
 
-    def loader(path):  # the train beton's mean/std normalise both splits: one fixed input map
-        return data.build_eval_loader(path, args.eval_batch_size, args.res, channels=args.channels,
-                                      workers=args.workers, device=device, rank=rank, world_size=ws,
-                                      norm_from=args.data_path)
-    train_idx, val_idx = utils.stratified_split(utils.beton_labels(args.data_path), args.val_fraction, args.seed)
-    test = utils.extract_features(net, loader(args.val_path), device, amp)
+    def features(path, indices=None):  # the train beton's mean/std normalise every split: one input map
+        loader = data.build_eval_loader(path, args.eval_batch_size, args.res, channels=args.channels,
+                                        workers=args.workers, device=device, rank=rank, world_size=ws,
+                                        norm_from=args.data_path, indices=indices)
+        return utils.extract_features(net, loader, device, amp, indices=indices)
+    labels = utils.beton_labels(args.data_path)
+    train_idx, val_idx = utils.stratified_split(labels, args.val_fraction, args.seed)
+    test = features(args.val_path)
     if args.cache_features:
-        tr_f, tr_y = utils.extract_features(net, loader(args.data_path), device, amp)
+        tr_f, tr_y = features(args.data_path)
         if args.dump_features:
             utils.save_on_master({'train': (tr_f, tr_y), 'test': test, 'num_classes': info['num_classes']},
                                  os.path.join(args.output_dir, 'features.pth'))
         return {'train': (tr_f[train_idx], tr_y[train_idx]), 'val': (tr_f[val_idx], tr_y[val_idx]), 'test': test,
                 'val_idx': val_idx, 'num_classes': info['num_classes']}
-    everything = torch.arange(len(train_idx) + len(val_idx))
-    images, labels = utils.collect_images(loader(args.data_path), everything, args.res)
-    val = (features_of(net, images[val_idx], args.eval_batch_size, device, amp), labels[val_idx])
-    return {'train': (images[train_idx], labels[train_idx]), 'val': val, 'test': test, 'val_idx': val_idx,
+    val = features(args.data_path, val_idx) if len(val_idx) else (torch.empty(0, test[0].shape[1]), labels[:0])
+    return {'train': (train_idx, labels[train_idx]), 'val': val, 'test': test, 'val_idx': val_idx,
             'num_classes': info['num_classes']}
 
 
 def build_train_source(args, net, train, device, amp, rank, world_size):
     """-> (batches, steps): batches(epoch) yields this rank's (features, labels) on `device` for
-    each of the epoch's `steps` steps, in a seeded order (utils.epoch_batches). cached: a lookup.
-    rrc-flip: RandomResizedCrop + flip cut on the device from the in-memory centre-crop images,
-    then the frozen backbone. Once data.build_ssl_loader takes `indices=`, the rrc-flip branch
-    becomes that loader over the train split (num_views=1, recipe='crop'; `set_epoch(epoch)`,
-    then `net(views[:, 0])` per batch) and the image cache goes; nothing else changes."""
+    each of the epoch's `steps` steps; a pure function of (seed, epoch), so a resumed run replays.
+    cached-centre-crop: `train` = (features, labels), a seeded order over the cache
+    (utils.epoch_batches). rrc-flip: `train` = (beton indices, labels) of the train split, read by
+    data.build_ssl_loader(indices=) with one view of recipe 'crop': each image decoded once, a
+    RandomResizedCrop(scale (--crop_min_scale, 1)) of the whole stored image + flip p 0.5 (crops
+    keyed on (seed + rank, epoch, sample)), normalised with the train beton's statistics like the
+    val/test features, then the frozen backbone. The last partial batch is dropped (unless the
+    split is smaller than one batch), as in the cached protocol."""
     x, y = train
-    steps = len(utils.epoch_batches(len(y), args.batch_size, args.seed, 0, rank, world_size))
+    if args.cache_features:
+        steps = len(utils.epoch_batches(len(y), args.batch_size, args.seed, 0, rank, world_size))
+
+        def cached(epoch):
+            for pos in utils.epoch_batches(len(y), args.batch_size, args.seed, epoch, rank, world_size):
+                yield x[pos].to(device), y[pos].to(device)
+        return cached, steps
+    loader = data.build_ssl_loader(args.data_path, args.batch_size // world_size, 1, args.res, recipe='crop',
+                                   channels=args.channels, workers=args.workers, seed=args.seed,
+                                   distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
+                                   drop_last=len(x) >= args.batch_size, scale=(args.crop_min_scale, 1.0),
+                                   indices=x.numpy())
 
     @torch.no_grad()
-    def batches(epoch):
-        for it, pos in enumerate(utils.epoch_batches(len(y), args.batch_size, args.seed, epoch, rank, world_size)):
-            if args.cache_features:
-                yield x[pos].to(device), y[pos].to(device)
-                continue
-            seed = int(np.random.SeedSequence([args.seed + rank, epoch, it]).generate_state(1)[0])
-            views = utils.random_resized_crop_flip(x[pos].to(device), torch.Generator().manual_seed(seed),
-                                                   scale=(args.crop_min_scale, 1.0))
+    def streamed(epoch):
+        loader.set_epoch(epoch)  # order and crops of `epoch`, also right after a resume
+        for views, labels in loader:
             with amp:
-                f = net(views).float()
-            yield f, y[pos].to(device)
-    return batches, steps
+                f = net(views[:, 0]).float()
+            yield f, labels
+    return streamed, len(loader)
 
 
 # ---- heads -------------------------------------------------------------------------------------
@@ -274,13 +275,15 @@ def main(args):
     net, info = None, None
     if args.load_features is None:
         info = data.beton_info(args.data_path)
-        data.beton_info(args.val_path)
+        val_info = data.beton_info(args.val_path)
         net, a = utils.load_pretrained(args.weights, args.features, load_weights=args.init == 'pretrained',
                                        seed=args.seed)
-        args.res, args.channels = args.res or a.res, args.channels or a.channels
-        if args.channels != a.in_chans:
-            utils.fail(f'--channels {args.channels} but the network takes {a.in_chans}-channel input')
+        args.res, args.channels = utils.eval_input(args, a, [info, val_info])
     args.protocol = 'cached-centre-crop' if args.cache_features else 'rrc-flip'
+    args.train_augmentation = (
+        'none: features of the centre crop (build_eval_loader), computed once' if args.cache_features else
+        f'RandomResizedCrop(scale=({args.crop_min_scale:g}, 1), ratio=(3/4, 4/3)) of the whole stored image + '
+        f'horizontal flip p 0.5, streamed from the beton every step')
     utils.prepare_output_dir(args)
     utils.fix_random_seeds(args.seed + rank)
     amp = utils.autocast_ctx(args.dtype, device)
@@ -341,7 +344,8 @@ def main(args):
               + ' '.join(f'{k}:{v:.2f}' for k, v in zip(keys, t1)) + f" | {stats['time_s']:.1f} s")
 
     chosen, papers = select(history, dict(zip(keys, args.lr)), len(va_y) > 0)
-    result = {'protocol': args.protocol, 'weights': args.weights, 'init': args.init, 'features': args.features,
+    result = {'protocol': args.protocol, 'train_augmentation': args.train_augmentation, 'weights': args.weights,
+              'init': args.init, 'features': args.features,
               'load_features': args.load_features, 'num_train': len(tr_y), 'num_val': len(va_y),
               'num_test': len(te_y), 'epochs': args.epochs, 'lrs': args.lr,
               'selected_by': 'val_top1' if len(va_y) else 'last epoch (no validation split)',

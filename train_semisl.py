@@ -9,7 +9,9 @@ The labelled subset is either a file (one image file name per line, as SimCLR's 
 images of every class c from --subset_seed. Either way its beton indices are saved to
 OUTPUT_DIR/subset_indices.txt, so the run is reproducible from its folder alone.
 Recipe: SGD with Nesterov momentum 0.9, cosine, 20 epochs, batch 256, backbone lr = 0.05 x head
-lr; RandomResizedCrop + flip. --backbone_weights freeze trains the head only (a linear probe on
+lr; RandomResizedCrop(--crop_min_scale, 1) of the whole stored image + flip, streamed from the
+beton over the subset's indices (data.build_ssl_loader(indices=): no image cache, so ImageNet's
+10% works as well as Fashion-MNIST's). --backbone_weights freeze trains the head only (a linear probe on
 the subset, backbone in eval mode and checked unchanged). Re-running the same command resumes.
 """
 import argparse
@@ -17,7 +19,6 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,7 +44,8 @@ def get_args_parser():
     g.add_argument('--subset_file', default=None,
                    help='Text file of the labelled subset, one entry per line: image file names '
                         '(SimCLR lists, e.g. n01440764_10026.JPEG; needs a beton written with --dataset '
-                        'imagefolder whose folder is still in place) or integer beton indices.')
+                        'imagefolder, whose FILE.beton.names.txt maps names to samples) or integer beton '
+                        'indices.')
     g.add_argument('--subset_seed', type=int, default=0,
                    help='Seed of the class-balanced draw when no --subset_file is given (kept apart from '
                         '--seed so that training seeds vary over one fixed subset). (default: %(default)s)')
@@ -92,18 +94,34 @@ def check_args(args, world_size):
         utils.fail(f'--batch_size {args.batch_size} does not divide by the {world_size} processes')
     if args.epochs < 1:
         utils.fail(f'--epochs must be >= 1, got {args.epochs}')
+    if not 0 < args.crop_min_scale <= 1:
+        utils.fail(f'--crop_min_scale must be in (0, 1], got {args.crop_min_scale}')
 
 
 # ---- the labelled subset -----------------------------------------------------------------------
 
 def imagefolder_files(info):
-    """(file paths, labels) of every sample of an imagefolder beton, in beton order: the writer
-    records no file names, so the folder is walked again exactly as data.write_beton walked it,
-    and refused if it no longer has the number of images the beton was written from."""
+    """(file names, labels or None) of every sample of an imagefolder beton, in beton order. From
+    the beton's FILE.beton.names.txt (written by data.write_beton; labels None: they are the
+    beton's own); for betons written before that file existed, the folder is walked again exactly
+    as data.write_beton walked it, refused if it no longer has the number of images the beton was
+    written from, and its labels returned for a cross-check."""
     src = info['source']
     if src['dataset'] != 'imagefolder':
         utils.fail(f"file names in --subset_file need an imagefolder beton; {info['path']} was written from "
                    f"{src['dataset']}: give one beton index per line instead")
+    if info.get('names_file'):
+        path = os.path.join(os.path.dirname(info['path']), info['names_file'])
+        if not os.path.isfile(path):
+            utils.fail(f"{path} (the file names of {info['path']}, named by its sidecar) is missing: copy it "
+                       f"along with the beton, or write the beton again")
+        with open(path) as f:
+            names = f.read().splitlines()
+        if len(names) != info['num_samples']:
+            utils.fail(f"{path} lists {len(names)} files but {info['path']} holds {info['num_samples']} samples")
+        return names, None
+    print(f"| {info['path']} records no file names (written before FILE.beton.names.txt existed): walking "
+          f"{src['root']}/{src['split']} again")
     s = data.open_source('imagefolder', src['root'], src['split'])
     if len(s.labels) != src['source_samples']:
         utils.fail(f"{src['root']}/{src['split']} holds {len(s.labels)} images but {info['path']} was written "
@@ -137,7 +155,7 @@ def read_subset_file(path, info, labels):
             utils.fail(f"--subset_file {path}: {len(missing)} names are not in the beton (e.g. {missing[:2]}), "
                        f"{len(ambiguous)} match several files (e.g. {ambiguous[:2]})")
         idx = torch.tensor([where[e] for e in entries])
-        if not torch.equal(file_labels[idx], labels[idx]):
+        if file_labels is not None and not torch.equal(file_labels[idx], labels[idx]):
             utils.fail(f"the image folder and {info['path']} disagree on the labels of the subset: wrong folder?")
     if len(idx.unique()) != len(idx):
         utils.fail(f'--subset_file {path} lists {len(idx) - len(idx.unique())} samples twice')
@@ -192,23 +210,25 @@ def build_optimizer(args, model):
 
 # ---- training ----------------------------------------------------------------------------------
 
-def build_train_batches(args, images, labels, device, rank, world_size):
+def build_train_batches(args, subset, device, rank, world_size):
     """-> (batches, steps): batches(epoch) yields this rank's augmented (images, labels) on
-    `device` for each of the epoch's `steps` steps: a seeded order over the labelled subset
-    (utils.epoch_batches), RandomResizedCrop + flip cut on the device from the in-memory
-    centre-crop images (utils.collect_images). Once data.build_ssl_loader takes `indices=`, this
-    becomes that loader over the subset (num_views=1, recipe='crop'; `set_epoch(epoch)`, then
-    `views[:, 0]` per batch) and the image cache goes; nothing else changes."""
-    steps = len(utils.epoch_batches(len(labels), args.batch_size, args.seed, 0, rank, world_size))
+    `device` for each of the epoch's `steps` steps: data.build_ssl_loader over the labelled
+    subset's beton indices, one view of recipe 'crop' (each image decoded once, RandomResizedCrop
+    (--crop_min_scale, 1) of the whole stored image + flip p 0.5, keyed on (seed + rank, epoch,
+    sample)), normalised with the train beton's statistics like the test loader. The order and
+    crops are a pure function of (seed, epoch), so a resumed run replays exactly. The last partial
+    batch is dropped unless the subset is smaller than one batch."""
+    loader = data.build_ssl_loader(args.data_path, args.batch_size // world_size, 1, args.res, recipe='crop',
+                                   channels=args.channels, workers=args.workers, seed=args.seed,
+                                   distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
+                                   drop_last=len(subset) >= args.batch_size, scale=(args.crop_min_scale, 1.0),
+                                   indices=subset.numpy())
 
     def batches(epoch):
-        order = utils.epoch_batches(len(labels), args.batch_size, args.seed, epoch, rank, world_size)
-        for it, pos in enumerate(order):
-            seed = int(np.random.SeedSequence([args.seed + rank, epoch, it]).generate_state(1)[0])
-            x = utils.random_resized_crop_flip(images[pos].to(device), torch.Generator().manual_seed(seed),
-                                               scale=(args.crop_min_scale, 1.0))
-            yield x, labels[pos].to(device)
-    return batches, steps
+        loader.set_epoch(epoch)  # order and crops of `epoch`, also right after a resume
+        for views, labels in loader:
+            yield views[:, 0], labels
+    return batches, len(loader)
 
 
 def train_one_epoch(ddp_model, optimizer, scaler, batches, steps, epoch, args, ctx):
@@ -257,12 +277,10 @@ def main(args):
     rank, world_size, local_rank, device = utils.init_distributed_mode()
     check_args(args, world_size)
     info = data.beton_info(args.data_path)
-    data.beton_info(args.val_path)
+    val_info = data.beton_info(args.val_path)
     backbone, a = utils.load_pretrained(args.weights, 'backbone', load_weights=args.init == 'pretrained',
                                         seed=args.seed)
-    args.res, args.channels = args.res or a.res, args.channels or a.channels
-    if args.channels != a.in_chans:
-        utils.fail(f'--channels {args.channels} but the network takes {a.in_chans}-channel input')
+    args.res, args.channels = utils.eval_input(args, a, [info, val_info])
     args.lr_backbone = args.lr_backbone if args.lr_backbone is not None else 0.05 * args.lr_head
     utils.prepare_output_dir(args)
     utils.fix_random_seeds(args.seed + rank)
@@ -290,13 +308,10 @@ def main(args):
         print(f"| resumed from {ckpt_path}: epoch {start_epoch}")
     ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda' else None)
 
-    def loader(path):  # the train beton's mean/std normalise both splits
-        return data.build_eval_loader(path, args.eval_batch_size, args.res, channels=args.channels,
-                                      workers=args.workers, device=device, rank=rank, world_size=world_size,
-                                      norm_from=args.data_path)
-    images, labels = utils.collect_images(loader(args.data_path), subset, args.res)
-    batches, steps = build_train_batches(args, images, labels, device, rank, world_size)
-    test_loader = loader(args.val_path)
+    batches, steps = build_train_batches(args, subset, device, rank, world_size)
+    test_loader = data.build_eval_loader(args.val_path, args.eval_batch_size, args.res, channels=args.channels,
+                                         workers=args.workers, device=device, rank=rank, world_size=world_size,
+                                         norm_from=args.data_path)  # the train beton's mean/std: one input map
     print(f"| labelled subset: {len(subset)} of {info['num_samples']} images ({how}; per class min "
           f"{per_class[per_class > 0].min().item()}, max {per_class.max().item()}) | backbone "
           f"{args.backbone_weights} | lr head {args.lr_head:g}, backbone {args.lr_backbone:g} at global batch "
@@ -326,7 +341,10 @@ def main(args):
     if start_epoch == args.epochs:  # a finished run, re-run: the same number again, not logged twice
         final = evaluate(model, test_loader, device, amp)
     top1, top5, n_test = final
-    result = {'protocol': f'semi-supervised, backbone {args.backbone_weights}, rrc-flip', 'weights': args.weights,
+    result = {'protocol': f'semi-supervised, backbone {args.backbone_weights}, rrc-flip',
+              'train_augmentation': f'RandomResizedCrop(scale=({args.crop_min_scale:g}, 1), ratio=(3/4, 4/3)) of '
+                                    f'the whole stored image + horizontal flip p 0.5, streamed from the beton',
+              'weights': args.weights,
               'init': args.init, 'train_percent': args.train_percent, 'subset': how, 'num_labelled': len(subset),
               'labelled_fraction': len(subset) / info['num_samples'], 'num_test': n_test, 'epochs': args.epochs,
               'lr_head': args.lr_head, 'lr_backbone': args.lr_backbone, 'test_top1': top1, 'test_top5': top5,

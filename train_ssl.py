@@ -91,6 +91,10 @@ def get_args_parser():
                    help='Views per image V (CLAMP CIFAR 16, MMCR 40, most baselines 2). (default: %(default)s)')
     g.add_argument('--recipe', default='cifar',
                    help='Augmentation recipe of data.py (cifar, cifar_strong, imagenet, crop, noise). (default: %(default)s)')
+    g.add_argument('--colour_ops', default='auto', choices=['auto', 'decoder', 'torch'],
+                   help='Where the per-view colour augmentations run: decoder = numba inside the ffcv decoder '
+                        'threads (fastest on CPUs), torch = batched torch ops on the training device (fastest '
+                        'with a GPU); auto picks by device. Same distribution either way. (default: %(default)s)')
     g.add_argument('--crop_min_scale', type=float, default=0.08,
                    help='Lower bound of RandomResizedCrop\'s area scale. (default: %(default)s)')
     g.add_argument('--num_small_views', type=int, default=0,
@@ -563,14 +567,15 @@ def main(args):
                                    channels=args.channels, workers=args.workers, seed=args.seed,
                                    distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
                                    scale=(args.crop_min_scale, 1.0), small_views=args.num_small_views,
-                                   small_res=args.small_res, small_scale=tuple(args.small_scale))
+                                   small_res=args.small_res, small_scale=tuple(args.small_scale),
+                                   colour=args.colour_ops)
     ctx = {'device': device, 'world_size': world_size, 'amp': utils.autocast_ctx(args.dtype, device),
            'num_classes': num_classes, 'ckpt_path': ckpt_path, 'start_batch': start_batch, 'diag_views': None}
     if args.val_path and args.diag_batch:
         diag = data.build_ssl_loader(args.val_path, args.diag_batch, args.num_views, args.res, recipe=args.recipe,
                                      channels=args.channels, workers=args.workers, seed=args.seed + 12345,
                                      device=device, drop_last=False, scale=(args.crop_min_scale, 1.0),
-                                     order='sequential')
+                                     order='sequential', colour=args.colour_ops)
         ctx['diag_views'] = next(iter(diag))[0]
     if args.val_path and args.knn_every:
         ctx['knn_train'] = data.build_eval_loader(args.data_path, 512, args.res, channels=args.channels,

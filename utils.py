@@ -137,8 +137,51 @@ def add_data_args(parser, need_train=True):
                    help='Input resolution to the model; default: the beton\'s stored resolution.')
     g.add_argument('--channels', type=int, default=None, choices=[1, 3],
                    help='Channels fed to the model (grayscale data can be fed as 1 or 3). '
-                        'Default: the stored channels.')
+                        'Default: the stored channels (evaluation stages: the channels the network was '
+                        'trained on). A beton whose stored channels differ is refused unless this flag '
+                        'asks for the conversion (gray replicated to 3, or RGB to luma).')
+    g.add_argument('--allow_upsample', type=str2bool, default=False,
+                   help='Accept a --res (or, in evaluation stages, the network\'s training resolution) '
+                        'larger than the beton\'s stored images: every image is then upsampled, adding '
+                        'compute but no detail. Refused by default. (default: %(default)s)')
     return g
+
+
+def check_beton_input(info, res, channels, in_chans, channels_flag=None, allow_upsample=False,
+                      res_from='--res'):
+    """Refuse, with one line, a beton that cannot feed the network what the flags say.
+    info: data.beton_info(path); res, channels: what the loader will produce; in_chans: the
+    network's input channels; channels_flag: --channels as given on the command line (None =
+    not given); res_from: where `res` came from, for the message. Rules:
+    - channels must equal the network's in_chans (the first conv would fail, or worse);
+    - a beton storing other channels than fed needs an explicit --channels (the conversion,
+      gray -> 3 equal planes or RGB -> luma, is never silent);
+    - res above the largest stored side upsamples every image: refused unless allow_upsample."""
+    path, stored = info['path'], info['channels']
+    if channels != in_chans:
+        fail(f"--channels {channels} but the network takes {in_chans}-channel input; pass --channels "
+             f"{in_chans} (or leave it out)")
+    if channels != stored and channels_flag is None:
+        how = 'replicated to 3 equal channels' if stored == 1 else 'converted to luma'
+        fail(f"{path} stores {stored}-channel images but the network takes {channels}-channel input; "
+             f"pass --channels {channels} to accept them {how}, or use a {channels}-channel beton")
+    biggest = max(info['resolution'])
+    if res > biggest and not allow_upsample:
+        fail(f"{res_from} {res} is larger than the images stored in {path} (at most {biggest} px): "
+             f"every image would be upsampled; pass --res {biggest} (or less), re-write the beton at a "
+             f"larger --max_res, or --allow_upsample 1 if this is intended")
+
+
+def eval_input(args, a, infos):
+    """(res, channels) at which an evaluation stage feeds the pretrained network of saved args `a`
+    the betons `infos` (data.beton_info dicts): --res / --channels when given, else what the
+    network was trained at; every beton checked by check_beton_input. Call it before
+    prepare_output_dir, so a refusal leaves nothing behind."""
+    res, channels = args.res or a.res, args.channels or a.channels
+    res_from = '--res' if args.res else 'the resolution the network was trained at,'
+    for info in infos:
+        check_beton_input(info, res, channels, a.in_chans, args.channels, args.allow_upsample, res_from)
+    return res, channels
 
 
 def autocast_ctx(dtype, device):
@@ -245,9 +288,11 @@ def git_info():
 
 
 # Flags that may differ between a run and its resumption without changing the experiment.
+# --nan_policy / --max_skipped_steps are free so that a run stopped by a non-finite loss can be
+# continued with --nan_policy skip.
 RESUME_FREE = {'output_dir', 'workers', 'print_freq', 'force_resume', 'compile', 'knn_every',
-               'ckpt_every_steps', 'stop_at_epoch', 'nan_inject_step', 'signal_at_step', 'load_features',
-               'dump_features'}
+               'ckpt_every_steps', 'stop_at_epoch', 'nan_inject_step', 'signal_at_step', 'crash_at_step',
+               'nan_policy', 'max_skipped_steps', 'load_features', 'dump_features'}
 
 
 def prepare_output_dir(args):
@@ -358,8 +403,12 @@ def load_pretrained(path, part='backbone', load_weights=True, seed=0):
     file, _ = resolve_weights(path)
     ck = load_checkpoint_file(file)
     if not isinstance(ck, dict) or 'args' not in ck:
-        fail(f"{file} is not a manifold-ssl checkpoint or backbone file (no 'args' entry)")
+        held = describe_resnet(ck) if isinstance(ck, dict) else None
+        fail(f"{file} is not a manifold-ssl checkpoint or backbone file (no 'args' entry)"
+             + (f"; it looks like a bare state dict of a {held}: save it as {{'backbone': state_dict, "
+                f"'args': {{...the train_ssl flags that build it...}}}}" if held else ''))
     a = argparse.Namespace(**ck['args'])
+    _check_declared_arch(a, file, part)
     torch.manual_seed(seed)
     if part == 'backbone':
         if 'backbone' in ck:
@@ -368,6 +417,8 @@ def load_pretrained(path, part='backbone', load_weights=True, seed=0):
             sd = {k[len('model.backbone.'):]: v for k, v in ck['model'].items() if k.startswith('model.backbone.')}
         else:
             fail(f"{file} holds no model weights")
+        if load_weights:  # name both architectures, not a list of mismatched tensors
+            _check_resnet_weights(sd, a, file)
         net = build_backbone(a.arch, a.cifar_stem, a.width, a.in_chans)
     elif part == 'projector':
         if 'model' not in ck:
@@ -375,6 +426,9 @@ def load_pretrained(path, part='backbone', load_weights=True, seed=0):
         sd = {k[len('model.'):]: v for k, v in ck['model'].items()
               if k.startswith('model.') and not k.startswith(('model.predictor.', 'model.prototypes.'))
               and k != 'model.codes'}
+        if load_weights:
+            _check_resnet_weights({k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')},
+                                  a, file)
         model = build_model(argparse.Namespace(**{**vars(a), 'pred_dims': ''}))
         net = nn.Sequential(model.backbone, model.projector)
         sd = {k.replace('backbone.', '0.', 1).replace('projector.', '1.', 1): v for k, v in sd.items()}
@@ -391,18 +445,67 @@ def load_strict(net, sd, source):
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if missing or unexpected or bad:
-        fail(f"{source} does not match the network it declares (missing {missing[:3]}, unexpected "
-             f"{unexpected[:3]}, shape mismatch {bad[:3]})")
+        parts = [f"{len(missing)} tensors missing, e.g. {missing[:3]}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}"] if unexpected else []
+        parts += [f"{len(bad)} of another shape, e.g. {bad[0]} is {list(sd[bad[0]].shape)} in the file and "
+                  f"{list(own[bad[0]].shape)} in the network"] if bad else []
+        fail(f"{source} does not match the network its saved args declare ({'; '.join(parts)})")
     net.load_state_dict(sd, strict=True)
+
+
+# The saved flags every consumer rebuilds a network from (train_ssl.py's names).
+ARCH_KEYS = {'backbone': ('arch', 'cifar_stem', 'width', 'in_chans', 'res', 'channels'),
+             'projector': ('arch', 'cifar_stem', 'width', 'in_chans', 'res', 'channels', 'proj_dims', 'proj_bn',
+                           'proj_bias', 'proj_last_bn', 'proj_out_act')}
+
+
+def _check_declared_arch(a, file, part):
+    """The saved args name a buildable network: every flag present, a known --arch."""
+    from models import ARCHS
+    lacking = [k for k in ARCH_KEYS.get(part, ()) if not hasattr(a, k)]
+    if lacking:
+        fail(f"{file} does not record {', '.join(lacking)} in its args: it was not written by this "
+             f"version of train_ssl.py, so its network cannot be rebuilt")
+    if a.arch not in ARCHS:
+        fail(f"{file} declares --arch {a.arch!r}, which this code cannot build (known: {', '.join(sorted(ARCHS))})")
+
+
+def describe_resnet(sd):
+    """'resnet18, width 4, 1-channel input, CIFAR stem' read off a backbone state dict (torchvision
+    key names), or None when it is not one of models.ARCHS' ResNets."""
+    from models import ARCHS
+    w = sd.get('conv1.weight')
+    if not isinstance(w, torch.Tensor) or w.dim() != 4:
+        return None
+    keys = [k for k in sd if isinstance(k, str)]
+    bottleneck = any(k.startswith('layer1.0.conv3.') for k in keys)
+    blocks = [len({k.split('.')[1] for k in keys if k.startswith(f'layer{i}.')}) for i in range(1, 5)]
+    names = [n for n, (block, layers) in ARCHS.items()
+             if layers == blocks and (block.expansion == 4) == bottleneck]
+    arch = names[0] if names else f"a ResNet of {blocks} {'bottleneck' if bottleneck else 'basic'} blocks"
+    stem = 'CIFAR' if w.shape[-1] == 3 else 'ImageNet'
+    return f"{arch}, width {w.shape[0]}, {w.shape[1]}-channel input, {stem} stem"
+
+
+def _check_resnet_weights(sd, a, file):
+    """The weights are of the network the saved args declare; else one line naming both."""
+    held = describe_resnet(sd)
+    declared = (f"{a.arch}, width {a.width}, {a.in_chans}-channel input, "
+                f"{'CIFAR' if a.cifar_stem else 'ImageNet'} stem")
+    if held is not None and held != declared:
+        fail(f"{file} holds the weights of a {held}, but its saved args declare a {declared}: the file's "
+             f"weights and args disagree (was it edited or assembled by hand?); re-export it from its "
+             f"train_ssl.py run")
 
 
 # ---- features and kNN -------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_features(net, loader, device, amp):
+def extract_features(net, loader, device, amp, indices=None):
     """Features of every sample once, gathered from all ranks in sample-index order (DINO's
     eval_knn habit). `loader` yields (images, labels, indices); returns (feats, labels) on CPU,
-    identical on every rank."""
+    identical on every rank. indices: the sorted sample indices a subset loader covers over all
+    ranks (build_eval_loader(indices=)); default every sample of the beton."""
     feats, labels, idxs = [], [], []
     for x, y, idx in loader:
         with amp:
@@ -416,7 +519,8 @@ def extract_features(net, loader, device, amp):
         dist.all_gather_object(parts, (feats, labels, idxs))
         feats, labels, idxs = (torch.cat([p[i] for p in parts]) for i in range(3))
     order = torch.argsort(idxs)
-    if not torch.equal(idxs[order], torch.arange(len(idxs))):
+    expect = torch.arange(len(idxs)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+    if not torch.equal(idxs[order], expect):
         raise RuntimeError('feature extraction did not see every sample exactly once')
     return feats[order], labels[order]
 
@@ -477,11 +581,9 @@ def unwrap(model):
 
 # ---- evaluation stages --------------------------------------------------------------------------
 # Shared by train_linear.py and train_semisl.py: the flags naming the weights to evaluate, beton
-# labels without decoding, seeded class-stratified splits and class-balanced subsets, an in-memory
-# image cache with an on-device RandomResizedCrop + flip (their training source until
-# data.build_ssl_loader takes `indices=`), seeded epoch batches, top-k accuracy, freeze checks.
-
-IMAGE_CACHE_LIMIT_GB = 8.0  # above this, collect_images refuses: such sets need a streaming loader
+# labels without decoding, seeded class-stratified splits and class-balanced subsets, seeded epoch
+# batches over a feature cache, top-k accuracy, freeze checks. (Their augmented training images
+# stream from the beton: data.build_ssl_loader(indices=).)
 
 
 def add_weights_args(parser, required=True):
@@ -544,64 +646,6 @@ def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
     perm = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(n))
     steps = max(1, n // batch_size)
     return [perm[s * batch_size:(s + 1) * batch_size][rank::world_size] for s in range(steps)]
-
-
-@torch.no_grad()
-def collect_images(loader, keep, res):
-    """The centre-crop images of the beton samples `keep` (sorted index tensor), in one pass of an
-    EvalLoader, gathered from every rank in index order -> (images, labels) on CPU, identical on
-    every rank. The evaluation stages train from this cache through random_resized_crop_flip:
-    exact for sets stored at the model's resolution (CIFAR, Fashion-MNIST), an approximation for
-    ImageNet-size images (crops come from the centre square) and refused above
-    IMAGE_CACHE_LIMIT_GB: those need the streaming data.build_ssl_loader(indices=...)."""
-    gb = len(keep) * loader.channels * res * res * 4 / 1e9
-    if gb > IMAGE_CACHE_LIMIT_GB:
-        fail(f"{len(keep)} images at {res}px need {gb:.1f} GB in the in-memory image cache (limit "
-             f"{IMAGE_CACHE_LIMIT_GB:g}); this set needs a streaming loader over an index subset "
-             f"(data.build_ssl_loader(indices=), not there yet)")
-    mask = torch.zeros(loader.info['num_samples'], dtype=torch.bool)
-    mask[keep] = True
-    xs, ys, ids = [], [], []
-    for x, y, idx in loader:
-        m = mask[idx.cpu()]
-        xs.append(x[m.to(x.device)].cpu())
-        ys.append(y[m.to(y.device)].cpu())
-        ids.append(idx.cpu()[m])
-    x, y, idx = torch.cat(xs), torch.cat(ys), torch.cat(ids)
-    if get_world_size() > 1:
-        parts = [None] * get_world_size()
-        dist.all_gather_object(parts, (x, y, idx))
-        x, y, idx = (torch.cat([p[i] for p in parts]) for i in range(3))
-    order = torch.argsort(idx)
-    if not torch.equal(idx[order], torch.as_tensor(keep, dtype=torch.int64)):
-        raise RuntimeError('collect_images did not see every requested sample exactly once')
-    return x[order], y[order]
-
-
-def random_resized_crop_flip(x, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob=0.5):
-    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a batch (B, C, H, W) on its own
-    device, as one bilinear grid_sample back to (H, W): area fraction uniform in `scale`, log
-    aspect ratio uniform in log(`ratio`), the first of 10 tries that fits, else the whole image
-    (torchvision's fallback for square images). Boxes are continuous (torchvision rounds to
-    pixels). All random numbers come from the CPU `generator`, so a seeded epoch replays exactly."""
-    B, _, H, W = x.shape
-    area = torch.empty(B, 10).uniform_(scale[0], scale[1], generator=generator) * (H * W)
-    log_r = torch.empty(B, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
-    fits = (w <= W) & (h <= H)
-    first = fits.float().argmax(1, keepdim=True)  # index of the first try that fits
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], torch.tensor(float(W)))
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], torch.tensor(float(H)))
-    cx = w / 2 + torch.rand(B, generator=generator) * (W - w)  # crop centre, in pixels
-    cy = h / 2 + torch.rand(B, generator=generator) * (H - h)
-    flip = torch.rand(B, generator=generator) < flip_prob
-    theta = torch.zeros(B, 2, 3)  # output [-1, 1] -> input [-1, 1] (align_corners=False: pixel edges)
-    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
-    theta[:, 0, 2] = 2 * cx / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = 2 * cy / H - 1
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
 
 
 def linear_head(in_dim, num_classes):

@@ -1,7 +1,15 @@
-"""Throughput of data.build_ssl_loader: images/s after a warm-up (numba compile excluded).
+"""Throughput of data.build_ssl_loader vs a torchvision DataLoader doing the same recipe.
 
+    .venv/bin/python bench/loader.py --datasets cifar_npz imagenette --recipes full --views 2 4 8 \
+        --loaders ffcv torchvision                       # the Speed I table (BENCHMARKS.md)
     .venv/bin/python bench/loader.py --datasets fmnist cifar_npz --workers 2 --views 2
-    .venv/bin/python bench/loader.py --datasets imagenette --res 224 --batch_size 64
+
+Loaders: 'ffcv' = data.build_ssl_loader (colour ops where --colour says: 'decoder' = numba
+inside the ffcv decoder on the CPU threads, 'torch' = batched torch ops in the main process);
+'torchvision' = torch.utils.data.DataLoader over the same images (PIL decode of the same
+JPEGs / pixels) with torchvision.transforms.v2 per view, the same SPEC §7 recipe and view
+types (data.recipe_specs), same workers and batch size, output (B, V, C, H, W) normalised
+float32. Both outputs are ready for the model.
 
 Each (dataset, recipe, decode_once) row builds a fresh loader, runs `--warmup` batches (the
 first one compiles the numba pipeline; its time is reported as `first_batch_s`), then times
@@ -13,7 +21,9 @@ from /work/shared/data). Prints a table and writes JSON to bench/out/loader_<tim
 Not a test: numbers depend on the machine and its load.
 """
 import argparse
+import io
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -46,11 +56,16 @@ def get_args_parser():
                    help='which betons to read (written on first use)')
     p.add_argument('--recipes', nargs='+', default=['crop', 'full'],
                    help="recipes to time; 'full' = the dataset's full recipe (cifar / imagenet)")
+    p.add_argument('--loaders', nargs='+', default=['ffcv'], choices=['ffcv', 'torchvision'],
+                   help='ffcv: data.build_ssl_loader; torchvision: DataLoader + transforms.v2 baseline')
+    p.add_argument('--colour', nargs='+', default=['decoder'], choices=['decoder', 'torch'],
+                   help="ffcv: where the colour ops run (decoder: numba in the ffcv threads; torch: "
+                        "batched torch ops in the main process) (default decoder)")
     p.add_argument('--decode', nargs='+', default=['once'], choices=['once', 'per_view'],
                    help='once: DecodeViews cuts all V views from one decode (default); '
                         'per_view: one re-decoding pipeline per view, as stock FFCV')
-    p.add_argument('--workers', type=int, default=2, help='ffcv CPU threads (default 2)')
-    p.add_argument('--views', type=int, default=2, help='views per image (default 2)')
+    p.add_argument('--workers', type=int, default=2, help='ffcv threads / DataLoader worker processes (default 2)')
+    p.add_argument('--views', type=int, nargs='+', default=[2], help='views per image, one row each (default 2)')
     p.add_argument('--batch_size', type=int, default=256, help='images per batch (default 256)')
     p.add_argument('--res', type=int, default=None, help='output side (default: native / 224)')
     p.add_argument('--warmup', type=int, default=5, help='warm-up batches, compile included')
@@ -67,6 +82,15 @@ def get_args_parser():
     return p
 
 
+def imagenette_root(beton_dir):
+    src = Path(beton_dir) / 'imagenette'
+    if not (src / 'train').is_dir():
+        print(f'extracting {SHARED / "imagenette_224.tar"} -> {src}', flush=True)
+        with tarfile.open(SHARED / 'imagenette_224.tar') as tar:
+            tar.extractall(src, filter='data')
+    return str(src)
+
+
 def ensure_beton(name, beton_dir):
     """Path of the beton for `name`, written (in a subprocess: ffcv's writer forks) if absent."""
     kw, _, _ = SOURCES[name]
@@ -78,12 +102,7 @@ def ensure_beton(name, beton_dir):
         pass
     kw = dict(kw, out=str(path), num_workers=os.cpu_count() or 1)
     if name == 'imagenette':
-        src = Path(beton_dir) / 'imagenette'
-        if not (src / 'train').is_dir():
-            print(f'extracting {SHARED / "imagenette_224.tar"} -> {src}', flush=True)
-            with tarfile.open(SHARED / 'imagenette_224.tar') as tar:
-                tar.extractall(src, filter='data')
-        kw['root'] = str(src)
+        kw['root'] = imagenette_root(beton_dir)
     print(f'writing {path}', flush=True)
     code = 'import sys, json; sys.path.insert(0, sys.argv[1]); import data; ' \
            'data.write_beton(**json.loads(sys.argv[2]))'
@@ -91,37 +110,116 @@ def ensure_beton(name, beton_dir):
     return str(path)
 
 
-def time_loader(path, recipe, res, args, decode_once):
-    """(first-batch s, images/s wall, process CPU ms per image) over args.batches batches.
-    CPU time (all threads: ffcv's and torch's) is the robust number on a shared machine."""
+def _cpu_s(pid):
+    """utime + stime of a process in seconds (/proc), for DataLoader worker processes."""
+    with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def _timed(it, args, sync, workers_pids=()):
+    """Run the warm-up, then time args.batches batches: (first batch s, images/s, CPU ms/image)."""
     t0 = time.perf_counter()
-    ld = data.build_ssl_loader(path, args.batch_size, args.views, res, recipe=recipe,
-                               workers=args.workers, device=args.device, decode_once=decode_once)
+    first = None
+    for _ in range(args.warmup):
+        next(it)
+        if first is None:
+            sync()
+            first = time.perf_counter() - t0
+    sync()
+    pids = workers_pids() if callable(workers_pids) else workers_pids
+    w0 = sum(_cpu_s(p) for p in pids)
+    t1, c1 = time.perf_counter(), time.process_time()
+    n = 0
+    for _ in range(args.batches):
+        n += next(it)[1].shape[0]
+    sync()
+    wall, cpu = time.perf_counter() - t1, time.process_time() - c1
+    cpu += sum(_cpu_s(p) for p in pids) - w0
+    return first, n / wall, 1000 * cpu / n
+
+
+def time_ffcv(path, recipe, res, views, args, decode_once, colour):
+    """FFCV path: (first-batch s, images/s wall, process CPU ms per image, all threads)."""
+    ld = data.build_ssl_loader(path, args.batch_size, views, res, recipe=recipe,
+                               workers=args.workers, device=args.device, decode_once=decode_once,
+                               colour=colour)
     sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
 
     def batches():
         while True:
             if args.ffcv_only:  # the FFCV stage alone, through data.py's epoch plumbing
                 order = ld._loader.traversal_order.sample_order(0)[:len(ld) * ld.batch_size]
-                yield from data._drain(data._start_epoch(ld._loader, order))
+                for out in data._drain(data._start_epoch(ld._loader, order)):
+                    yield out[0], out[-1]
             else:
                 yield from ld
 
-    it = batches()
-    first = None
-    for i in range(args.warmup):
-        next(it)
-        if first is None:
-            sync()
-            first = time.perf_counter() - t0
-    sync()
-    t1, c1 = time.perf_counter(), time.process_time()
-    n = 0
-    for _ in range(args.batches):
-        n += next(it)[0].shape[0]
-    sync()
-    wall, cpu = time.perf_counter() - t1, time.process_time() - c1
-    return first, n / wall, 1000 * cpu / n
+    return _timed(batches(), args, sync)
+
+
+class TVViews(torch.utils.data.Dataset):
+    """The baseline: PIL image -> V views, view v through transforms[v % T] (torchvision v2)."""
+
+    def __init__(self, name, beton_dir, transforms):
+        self.name, self.transforms = name, transforms
+        if name.startswith('cifar_npz'):
+            src = data.open_source('cifar10_npz', str(SHARED / 'cifar10_jpeg75.npz'), 'train')
+            self.blob, self.offsets, self.labels = src.blob, src.offsets, src.labels
+        elif name == 'imagenette':
+            src = data.open_source('imagefolder', imagenette_root(beton_dir), 'train')
+            self.paths, self.labels = src.paths, src.labels
+        else:
+            raise SystemExit(f'bench: no torchvision baseline for {name}')
+        self.views = 2
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        if self.name.startswith('cifar_npz'):  # decode the same JPEG bytes the beton was written from
+            img = Image.open(io.BytesIO(self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes()))
+        else:
+            img = Image.open(self.paths[i])
+        img = img.convert('RGB')
+        T = len(self.transforms)
+        return torch.stack([self.transforms[v % T](img) for v in range(self.views)]), int(self.labels[i])
+
+
+def tv_transforms(recipe, res, mean, std, scale=(0.08, 1.0)):
+    """torchvision.transforms.v2 pipelines of the view types of data.recipe_specs(recipe)."""
+    from torchvision.transforms import v2
+    out = []
+    for sp in data.recipe_specs(recipe):
+        t = [v2.RandomResizedCrop(res, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+        if sp.jitter_prob:
+            t.append(v2.RandomApply([v2.ColorJitter(*sp.jitter)], p=sp.jitter_prob))
+        if sp.gray_prob:
+            t.append(v2.RandomGrayscale(p=sp.gray_prob))
+        if sp.blur_prob:  # BYOL / torchvision habit: kernel 23 px at 224 px (10 % of the side)
+            k = max(3, (res // 10) | 1)
+            t.append(v2.RandomApply([v2.GaussianBlur(k, sigma=sp.blur_sigma)], p=sp.blur_prob))
+        if sp.solarize_prob:
+            t.append(v2.RandomSolarize(threshold=128, p=sp.solarize_prob))
+        t += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        out.append(v2.Compose(t))
+    return out
+
+
+def time_torchvision(name, path, recipe, res, views, args):
+    mean, std = data.norm_stats(data.beton_info(path), 3)
+    ds = TVViews(name, args.beton_dir, tv_transforms(recipe, res, mean.tolist(), std.tolist()))
+    ds.views = views
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                     num_workers=args.workers, persistent_workers=True)
+
+    def batches():
+        while True:
+            yield from dl
+
+    # CPU time = this process + its DataLoader worker processes (alive after the warm-up)
+    return _timed(batches(), args, lambda: None, lambda: [c.pid for c in mp.active_children()])
 
 
 def main(args):
@@ -134,22 +232,53 @@ def main(args):
         res = args.res or native
         for recipe in args.recipes:
             recipe = full if recipe == 'full' else recipe
-            for decode in args.decode:
-                first, ips, cpu_ms = time_loader(path, recipe, res, args, decode == 'once')
-                row = dict(dataset=name, recipe=recipe, decode=decode, res=res, views=args.views,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           ffcv_only=args.ffcv_only, torch_threads=torch.get_num_threads(),
-                           first_batch_s=round(first, 1), images_per_s=round(ips, 1),
-                           views_per_s=round(ips * args.views, 1),
-                           cpu_ms_per_image=round(cpu_ms, 3), load_avg=round(os.getloadavg()[0], 1))
-                rows.append(row)
-                print(f"{name:12s} {recipe:9s} {decode:8s} res {res:3d}  first batch "
-                      f"{first:5.1f} s  {ips:8.1f} images/s  {ips * args.views:8.1f} views/s  "
-                      f"{cpu_ms:7.3f} CPU ms/image  (load {os.getloadavg()[0]:.1f})", flush=True)
+            for views in args.views:
+                runs = []
+                for loader in args.loaders:
+                    if loader == 'torchvision':
+                        runs.append(('torchvision', '-', '-', lambda: time_torchvision(
+                            name, path, recipe, res, views, args)))
+                        continue
+                    for decode in args.decode:
+                        for colour in args.colour:
+                            runs.append(('ffcv', decode, colour, lambda d=decode, c=colour: time_ffcv(
+                                path, recipe, res, views, args, d == 'once', c)))
+                for loader, decode, colour, fn in runs:
+                    first, ips, cpu_ms = fn()
+                    row = dict(dataset=name, recipe=recipe, loader=loader, decode=decode, colour=colour,
+                               res=res, views=views, batch_size=args.batch_size, workers=args.workers,
+                               device=args.device, ffcv_only=args.ffcv_only,
+                               torch_threads=torch.get_num_threads(), first_batch_s=round(first, 1),
+                               images_per_s=round(ips, 1), views_per_s=round(ips * views, 1),
+                               cpu_ms_per_image=round(cpu_ms, 3), load_avg=round(os.getloadavg()[0], 1))
+                    rows.append(row)
+                    print(f"{name:11s} {recipe:8s} {loader:11s} {decode:8s} {colour:7s} res {res:3d} V {views}  "
+                          f"first {first:5.1f} s  {ips:8.1f} img/s  {ips * views:8.1f} views/s  "
+                          f"{cpu_ms:7.3f} CPU ms/img  (load {os.getloadavg()[0]:.1f})", flush=True)
+    ratio_table(rows)
     os.makedirs(args.out, exist_ok=True)
     out = Path(args.out) / f"loader_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(dict(argv=sys.argv, cpus=os.cpu_count(), rows=rows), indent=1))
     print(f'wrote {out}')
+
+
+def ratio_table(rows):
+    """Speed-up of each ffcv row over the torchvision row of the same (dataset, recipe, V), and
+    the cost of V views relative to V = 2 per image (wall time per image)."""
+    key = lambda r: (r['dataset'], r['recipe'], r['views'])
+    base = {key(r): r for r in rows if r['loader'] == 'torchvision'}
+    two = {(r['dataset'], r['recipe'], r['loader'], r['decode'], r['colour']): r for r in rows if r['views'] == 2}
+    for r in rows:
+        b = base.get(key(r))
+        r['speedup_vs_torchvision'] = round(r['views_per_s'] / b['views_per_s'], 2) if b and r is not b else None
+        t = two.get((r['dataset'], r['recipe'], r['loader'], r['decode'], r['colour']))
+        r['time_per_image_vs_v2'] = round(t['images_per_s'] / r['images_per_s'], 2) if t else None
+    print('\ndataset      recipe   loader      colour   V   views/s   x torchvision   time/img vs V=2')
+    for r in rows:
+        sp = f"{r['speedup_vs_torchvision']:.1f}x" if r['speedup_vs_torchvision'] else '-'
+        tv = f"{r['time_per_image_vs_v2']:.2f}x" if r['time_per_image_vs_v2'] else '-'
+        print(f"{r['dataset']:12s} {r['recipe']:8s} {r['loader']:11s} {r['colour']:7s} {r['views']:2d} "
+              f"{r['views_per_s']:9.1f} {sp:>14s} {tv:>16s}")
 
 
 if __name__ == '__main__':

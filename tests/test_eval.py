@@ -81,15 +81,104 @@ def test_linear_cached_end_to_end_then_resume_on_its_features(tiny, tmp_path):
     assert (r2['lr'], r2['epoch'], r2['test_top1']) == (r['lr'], r['epoch'], r['test_top1'])
 
 
-def test_linear_rrc_flip_from_backbone_file(tiny, tmp_path):
+def test_linear_rrc_flip_from_backbone_file_resumes_exactly(tiny, tmp_path):
+    flags = ['--weights', os.path.join(tiny['ssl'], 'backbone.pth'), '--epochs', '2', '--lr', '0.1', '0.3',
+             '--cache_features', '0', '--head_bn', '1', '--crop_min_scale', '0.3'] + data_flags(tiny) + TINY_EVAL
     out = tmp_path / 'lin'
-    run(['train_linear.py', '--weights', os.path.join(tiny['ssl'], 'backbone.pth'), '--output_dir', out,
-         '--epochs', '2', '--lr', '0.1', '0.3', '--cache_features', '0', '--head_bn', '1']
-        + data_flags(tiny) + TINY_EVAL)
+    run(['train_linear.py', '--output_dir', out] + flags)
     r = results(out)
     assert r['protocol'] == 'rrc-flip' and r['backbone_unchanged'] is True
+    assert 'RandomResizedCrop(scale=(0.3, 1)' in r['train_augmentation'] and 'streamed' in r['train_augmentation']
     assert (r['num_train'], r['num_val'], r['num_test']) == (58, 6, 32)  # round(10% of 32) = 3 per class
-    assert len(read_log(out)) == 2
+    # stopped after epoch 0 and resumed: the streamed crops, heads and numbers replay exactly
+    cut = tmp_path / 'cut'
+    run(['train_linear.py', '--output_dir', cut, '--stop_at_epoch', '1'] + flags)
+    p = run(['train_linear.py', '--output_dir', cut] + flags)
+    assert 'resumed from' in p.stdout
+    log, log2 = read_log(out), read_log(cut)
+    assert [row['epoch'] for row in log2] == [0, 1]
+    for a, b in zip(log, log2):
+        assert [a[k] for k in ('train_loss', 'val_top1', 'test_top1')] == [b[k] for k in ('train_loss', 'val_top1',
+                                                                                           'test_top1')]
+    assert log[0]['train_loss'] != log[1]['train_loss']
+    assert results(cut)['test_top1'] == r['test_top1']
+
+
+@pytest.fixture(scope='module')
+def wide(tmp_path_factory):
+    """An imagefolder beton of 16 wide images (16 x 40 px, RGB, stored raw): 8-px white bands at
+    both sides, black in between (the centre square is columns 12-27). Classes a (12) and b (4)."""
+    from PIL import Image
+    d = tmp_path_factory.mktemp('wide')
+    img = np.zeros((16, 40, 3), np.uint8)
+    img[:, :8] = img[:, 32:] = 255
+    for cls, n in (('a', 12), ('b', 4)):
+        os.makedirs(d / 'train' / cls)
+        for i in range(n):
+            Image.fromarray(img).save(d / 'train' / cls / f'{cls}{i}.png')
+    path = str(d / 'wide.beton')
+    data.write_beton('imagefolder', str(d), 'train', path, num_workers=1)
+    return path
+
+
+def test_rrc_flip_crops_come_from_the_whole_stored_image(wide):
+    """The old training source cut its crops from a cache of centre crops, which here never show
+    white; the streamed crops must (sometimes), with --crop_min_scale reaching the loader, only
+    the given train indices read, and a pure function of (seed, epoch) for resumes."""
+    import contextlib
+    from argparse import Namespace
+    import train_linear
+    info = data.beton_info(wide)
+    mean, std = data.norm_stats(info, 3)
+    white = ((1 - mean) / std)[0].item()
+    net = lambda x: x[:, 0].amax((1, 2)).unsqueeze(1)  # noqa: E731  (B, 1): brightest pixel of a crop
+    centre = utils.extract_features(net, data.build_eval_loader(wide, 8, 16, workers=1), 'cpu',
+                                    contextlib.nullcontext())[0]
+    assert centre.shape == (16, 1) and (centre < 0.5 * white).all()  # centre crops: never the side bands
+    labels = utils.beton_labels(wide)
+    train_idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15])  # 8 of class a, all 4 of b
+    seen = {}
+    for min_scale in (0.08, 1.0):
+        args = Namespace(cache_features=False, data_path=wide, batch_size=4, res=16, channels=3, workers=1,
+                         seed=0, crop_min_scale=min_scale)
+        batches, steps = train_linear.build_train_source(args, net, (train_idx, labels[train_idx]), 'cpu',
+                                                         contextlib.nullcontext(), 0, 1)
+        assert steps == 3
+        feats, ys = [], []
+        for epoch in range(3):
+            for f, y in batches(epoch):
+                feats.append(f)
+                ys.append(y)
+        f, y = torch.cat(feats)[:, 0], torch.cat(ys)
+        assert torch.bincount(y).tolist() == [24, 12]  # each epoch: the 12 train indices, no other sample
+        seen[min_scale] = (f > 0.5 * white).float().mean().item()
+        again = torch.cat([f for f, _ in batches(2)])[:, 0]
+        assert torch.equal(again, f[-12:])  # epoch 2 replays exactly (a resumed run sees the same crops)
+    # scale (0.08, 1): some crops reach the bands, some do not; scale 1 can never fit a box of
+    # ratio <= 4/3 into 16 x 40, so every crop is torchvision's fallback, the centred 16 x 21 box
+    # (columns 9-29): never white
+    assert 0.1 < seen[0.08] < 0.9 and seen[1.0] == 0
+
+
+def test_subset_file_names_from_the_beton_names_file(wide, tmp_path, capsys):
+    import shutil
+    import train_semisl
+    info = data.beton_info(wide)
+    names = open(data.names_path(wide)).read().split()
+    assert info['names_file'] == os.path.basename(data.names_path(wide))
+    assert names == [f'a/a{i}.png' for i in sorted(range(12), key=str)] + [f'b/b{i}.png' for i in range(4)]
+    moved = tmp_path / 'gone'
+    shutil.move(os.path.join(info['source']['root'], 'train'), moved)  # no folder to walk: the names file serves
+    try:
+        (tmp_path / 'list.txt').write_text('b2.png\na10.png\n')
+        idx = train_semisl.read_subset_file(str(tmp_path / 'list.txt'), info, utils.beton_labels(wide))
+        assert idx.tolist() == [names.index('a/a10.png'), names.index('b/b2.png')]
+    finally:
+        shutil.move(moved, os.path.join(info['source']['root'], 'train'))
+    broken = {**info, 'names_file': 'missing.names.txt'}
+    with pytest.raises(SystemExit):
+        train_semisl.read_subset_file(str(tmp_path / 'list.txt'), broken, utils.beton_labels(wide))
+    assert 'is missing' in capsys.readouterr().err
 
 
 def separable_features(n_per_class, num_classes=4, dim=8, seed=0):
@@ -159,6 +248,14 @@ def test_semisl_end_to_end_with_resume(tiny, tmp_path):
     # the resumed run moved the backbone (fine-tuning) from where the checkpoint left it
     sd = torch.load(out / 'checkpoint.pth', weights_only=False)['model']
     assert ck['epoch'] == 1 and not torch.equal(sd['backbone.conv1.weight'], ck['model']['backbone.conv1.weight'])
+    # ... and landed exactly where an uninterrupted run lands (the streamed crops replay epoch 1)
+    whole = tmp_path / 'whole'
+    run(semisl_cmd(tiny, whole))
+    for a, b in zip(read_log(whole), log):
+        assert {k: v for k, v in a.items() if 'time' not in k and k != 'elapsed_s'} == \
+            {k: v for k, v in b.items() if 'time' not in k and k != 'elapsed_s'}
+    sd_whole = torch.load(whole / 'checkpoint.pth', weights_only=False)['model']
+    assert all(torch.equal(sd_whole[k], sd[k]) for k in sd)
 
 
 def test_semisl_frozen_backbone_on_a_subset_file(tiny, tmp_path):
@@ -202,18 +299,6 @@ def test_subset_file_names_map_to_beton_order(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a beton whose labels do not match the folder's
         train_semisl.read_subset_file(str(tmp_path / 'list.txt'), info, torch.tensor([1, 0, 0, 0, 0, 0]))
     assert 'disagree on the labels' in capsys.readouterr().err
-
-
-def test_random_resized_crop_flip():
-    x = torch.randn(5, 2, 8, 8)
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    same = utils.random_resized_crop_flip(x, g(), scale=(1, 1), ratio=(1, 1), flip_prob=0.0)
-    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)  # the whole image, pixel-aligned
-    flipped = utils.random_resized_crop_flip(x, g(), scale=(1, 1), ratio=(1, 1), flip_prob=1.0)
-    torch.testing.assert_close(flipped, x.flip(-1), atol=1e-5, rtol=0)
-    a, b = (utils.random_resized_crop_flip(x, g(), scale=(0.08, 1)) for _ in range(2))
-    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x)
-    assert a.min() >= x.min() - 1e-5 and a.max() <= x.max() + 1e-5  # bilinear: no overshoot
 
 
 # ---- eval_knn.py -------------------------------------------------------------------------------

@@ -41,16 +41,50 @@ from eval_cluster import hungarian_accuracy  # noqa: E402
 # ---- data ---------------------------------------------------------------------------------------
 
 
+def spiral_arm(t):
+    """Points (t cos t, t sin t) of the first arm at parameters t (n,) -> (n, 2); the second arm is
+    its point reflection -arm(t)."""
+    return torch.stack([t * torch.cos(t), t * torch.sin(t)], -1)
+
+
+def sample_t(n, turns, generator=None):
+    """n spiral parameters uniform in [1.5 pi, 1.5 pi + 2 pi turns] (sklearn's swiss roll for turns=1.5)."""
+    return T0 + 2 * math.pi * turns * torch.rand(n, generator=generator)
+
+
+T0 = 1.5 * math.pi
+
+
 def make_spirals(n, noise=0.1, generator=None, turns=1.5):
     """n points of two interleaved spirals (n/2 each): t uniform in [1.5 pi, 1.5 pi + 2 pi turns],
     (t cos t, t sin t) and its point reflection, plus N(0, noise^2) jitter. turns = 1.5 is
-    sklearn's swiss roll (NMCE's toy; coordinates within about +-14).
+    sklearn's swiss roll (NMCE's toy; coordinates within about +-14; the arms are pi apart).
     -> (x (n, 2) float32, spiral id (n,) int64)."""
     half = n // 2
-    t = 1.5 * math.pi + 2 * math.pi * turns * torch.rand(half, generator=generator)
-    arm = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1)
+    arm = spiral_arm(sample_t(half, turns, generator))
     x = torch.cat([arm, -arm]) + noise * torch.randn(2 * half, 2, generator=generator)
     return x.float(), torch.cat([torch.zeros(half), torch.ones(half)]).long()
+
+
+def make_views(n, aug='neighbour', sigma=0.2, step=1.0, noise=0.1, generator=None, turns=1.5):
+    """Two views of n spiral points (n/2 per arm) -> (views (n, 2, 2) float32, spiral id (n,)).
+
+    aug 'noise' (NMCE's toy): both views are the point plus N(0, sigma^2) noise, so the invariance
+    term only ties together points closer than ~sigma. aug 'neighbour': the second view is another
+    point of the same arm, up to `step` away along the curve (arc length s ~ U(-step, step), i.e.
+    dt = s / sqrt(1 + t^2)), both views with the sigma noise: the augmentation itself says which
+    points belong to one manifold (the arms are pi apart, so step < pi never links the two arms)."""
+    half = n // 2
+    t = sample_t(half, turns, generator)
+    t2 = t
+    if aug == 'neighbour':
+        s = step * (2 * torch.rand(half, generator=generator) - 1)
+        t2 = (t + s / torch.sqrt(1 + t * t)).clamp(T0, T0 + 2 * math.pi * turns)
+    a, b = spiral_arm(t), spiral_arm(t2)
+    views = torch.stack([torch.cat([a, -a]), torch.cat([b, -b])], 1)  # (n, V=2, 2)
+    views = views + noise * torch.randn(2 * half, 2 if aug == 'neighbour' else 1, 2, generator=generator)  # jitter
+    views = views + sigma * torch.randn(2 * half, 2, 2, generator=generator)
+    return views.float(), torch.cat([torch.zeros(half), torch.ones(half)]).long()
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -58,11 +92,17 @@ def make_spirals(n, noise=0.1, generator=None, turns=1.5):
 
 class SubspaceClusterMLP(nn.Module):
     """ELU MLP backbone with a subspace head (unit-norm z) and a cluster head (logits), as the
-    NMCE toy's MLP_net."""
+    NMCE toy's MLP_net; optionally on random Fourier features of the input."""
 
-    def __init__(self, hidden=256, depth=5, z_dim=3, n_clusters=2):
+    def __init__(self, hidden=256, depth=5, z_dim=3, n_clusters=2, fourier=0, fourier_scale=1.0, generator=None):
         super().__init__()
-        layers, d = [], 2
+        d = 2
+        if fourier:
+            self.register_buffer('proj', fourier_scale * torch.randn(2, fourier, generator=generator))
+            d = 2 * fourier
+        else:
+            self.proj = None
+        layers = []
         for _ in range(depth):
             layers += [nn.Linear(d, hidden), nn.ELU()]
             d = hidden
@@ -71,8 +111,10 @@ class SubspaceClusterMLP(nn.Module):
         self.cluster = nn.Linear(hidden, n_clusters)
 
     def forward(self, x):
-        h = self.backbone(x)  # raw coordinates (+-14): the large first-layer inputs give diverse
-        # features at init; scaling them to O(1) collapses every point onto one cluster
+        if self.proj is not None:
+            u = x @ self.proj
+            x = torch.cat([torch.sin(u), torch.cos(u)], -1)
+        h = self.backbone(x)
         return F.normalize(self.subspace(h), dim=-1), self.cluster(h)
 
 
@@ -174,6 +216,10 @@ def get_args_parser():
     g.add_argument('--sigma', type=float, default=0.2, help='Std of the Gaussian view noise (NMCE: 0.2). (default: %(default)s)')
     g.add_argument('--data_noise', type=float, default=0.1, help='Jitter of the spiral points (NMCE: 0.1). (default: %(default)s)')
     g.add_argument('--turns', type=float, default=1.5, help='Turns of each spiral (NMCE: 1.5). (default: %(default)s)')
+    g.add_argument('--aug', default='neighbour', choices=['neighbour', 'noise'], help='x')
+    g.add_argument('--step', type=float, default=1.0, help='x')
+    g.add_argument('--fourier', type=int, default=0, help='x')
+    g.add_argument('--fourier_scale', type=float, default=1.0, help='x')
     g = p.add_argument_group('ssl')
     g.add_argument('--eps', type=float, default=0.01, help='MCR^2 distortion eps (NMCE toy: 0.01). (default: %(default)s)')
     g.add_argument('--z_weight', type=float, default=4000.0,
@@ -205,7 +251,7 @@ def main(args):
     gen = torch.Generator().manual_seed(args.seed)
     x_eval, y_eval = make_spirals(args.num_eval, args.data_noise, torch.Generator().manual_seed(args.seed + 1),
                                   args.turns)
-    net = SubspaceClusterMLP(args.hidden, z_dim=args.z_dim)
+    net = SubspaceClusterMLP(args.hidden, z_dim=args.z_dim, fourier=args.fourier, fourier_scale=args.fourier_scale, generator=torch.Generator().manual_seed(args.seed + 2))
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-5)
     history = []
     for step in range(args.steps + 1):
@@ -216,8 +262,7 @@ def main(args):
                                                                 if step else ''))
         if step == args.steps:
             break
-        x, _ = make_spirals(args.batch_size, args.data_noise, gen, args.turns)
-        views = x[:, None] + args.sigma * torch.randn(len(x), 2, 2, generator=gen)  # (B, V=2, 2)
+        views, _ = make_views(args.batch_size, args.aug, args.sigma, args.step, args.data_noise, gen, args.turns)
         z, logits = net(views)
         pi = gumbel_softmax(logits, args.tau, gen)
         loss = losses.mcr2(z, pi, eps=args.eps, z_weight=args.z_weight)
