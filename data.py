@@ -33,6 +33,7 @@ import math
 import multiprocessing as mp
 import os
 import struct
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -802,11 +803,9 @@ class DecodeViews(Operation):
         if self.small_views:  # two sizes in one flat buffer: decode once for all V + K crops
             out = (sum(self.flat_sizes),)
         u1 = np.dtype('<u1')
-        cscratch = colour_scratch_size(self.res, self.colour_radius) if self.colour is not None else 1
         return (replace(previous_state, jit_mode=True, shape=out, dtype=u1),
                 (AllocationQuery(out, u1), AllocationQuery((scratch,), u1),
-                 AllocationQuery((1,), np.dtype('<i8')),
-                 AllocationQuery((cscratch,), np.dtype('<f4'))))
+                 AllocationQuery((1,), np.dtype('<i8'))))
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
@@ -820,6 +819,9 @@ class DecodeViews(Operation):
 
         colour = self.colour if self.colour is not None else np.zeros((1, 11))
         has_colour, n_types, radius = self.colour is not None, len(colour), self.colour_radius
+        # float32 working memory of the colour ops: one row per THREAD (allocated per batch), so it
+        # stays in cache from one view to the next (one per sample would stream from DRAM)
+        csize = colour_scratch_size(self.res, radius) if has_colour else 1
 
         def cut_views(img, out, key, s, h, w, cs):
             """img (h, w, 3) -> out (V, res, res, 3): one crop (+ flip) (+ colour) per view."""
@@ -867,20 +869,22 @@ class DecodeViews(Operation):
         # NDArrayField stores a bare pointer per sample, RGBImageField a record.
         if gray:
             def decode(batch_indices, my_storage, metadata, storage_state):
-                dst, scratch, epoch_buf, cscratch = my_storage
+                dst, scratch, epoch_buf = my_storage
                 key = _epoch_key(seed, epoch_buf[0, 0])
+                cscratch = np.empty((numba.get_num_threads(), csize), dtype=np.float32)
                 for b in my_range(len(batch_indices)):
                     s = np.int64(batch_indices[b])
                     plane = mem_read(metadata[s], storage_state).reshape(gh, gw)
                     img = scratch[b][:gh * gw * 3].reshape(gh, gw, 3)
                     for c in range(3):
                         img[:, :, c] = plane
-                    cut(img, dst[b], key, s, gh, gw, cscratch[b])
+                    cut(img, dst[b], key, s, gh, gw, cscratch[numba.get_thread_id()])
                 return dst[:len(batch_indices)]
         else:
             def decode(batch_indices, my_storage, metadata, storage_state):
-                dst, scratch, epoch_buf, cscratch = my_storage
+                dst, scratch, epoch_buf = my_storage
                 key = _epoch_key(seed, epoch_buf[0, 0])
+                cscratch = np.empty((numba.get_num_threads(), csize), dtype=np.float32)
                 for b in my_range(len(batch_indices)):
                     s = np.int64(batch_indices[b])
                     field = metadata[s]
@@ -893,7 +897,7 @@ class DecodeViews(Operation):
                         img = buf[:h * w * 3].reshape(h, w, 3)
                     else:
                         img = data.reshape(h, w, 3)
-                    cut(img, dst[b], key, s, h, w, cscratch[b])
+                    cut(img, dst[b], key, s, h, w, cscratch[numba.get_thread_id()])
                 return dst[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -1224,6 +1228,80 @@ def _to_unit_float(x):
     return x.permute(*perm).contiguous().float().mul_(1 / 255)
 
 
+@numba.njit(parallel=True, cache=True)
+def _u8_to_input(src, dst, scale, shift, mode):
+    """src (N, H, W, 3) uint8 -> dst (N, C, H, W) float32 = v * scale[c] + shift[c], one pass,
+    parallel over N. mode 0: C = 3; 1: C = 1 from plane 0 (gray storage); 2: C = 1 luma."""
+    n, hw = src.shape[0], src.shape[1] * src.shape[2]
+    wr, wg, wb = np.float32(GRAY_WEIGHTS[0]), np.float32(GRAY_WEIGHTS[1]), np.float32(GRAY_WEIGHTS[2])
+    inv = np.float32(1.0 / 255.0)
+    s3 = src.reshape(n, hw * 3)
+    d = dst.reshape(n, dst.shape[1] * hw)
+    for i in numba.prange(n):
+        a, b = s3[i], d[i]
+        if mode == 0:
+            for c in range(3):
+                sc, sh, off = scale[c], shift[c], c * hw
+                for p in range(hw):
+                    b[off + p] = np.float32(a[3 * p + c]) * sc + sh
+        elif mode == 1:
+            sc, sh = scale[0], shift[0]
+            for p in range(hw):
+                b[p] = np.float32(a[3 * p]) * sc + sh
+        else:
+            sc, sh = scale[0], shift[0]
+            for p in range(hw):
+                v = (wr * (np.float32(a[3 * p]) * inv) + wg * (np.float32(a[3 * p + 1]) * inv)
+                     + wb * (np.float32(a[3 * p + 2]) * inv))
+                b[p] = v * sc + sh
+
+
+_POOL = {}
+
+
+def _pooled(shape, keep=4):
+    """A float32 array of `shape` for a batch, reused once nothing refers to it any more (only
+    this pool does: refcount 2 in getrefcount). Fresh arrays of ImageNet-size batches (> 32 MB,
+    always mmap-ed by glibc) cost more in page faults than the conversion itself."""
+    arrays = _POOL.setdefault(shape, [])
+    for a in arrays:
+        if sys.getrefcount(a) == 3:  # the list, the loop variable, getrefcount's argument
+            return a
+    a = np.empty(shape, dtype=np.float32)
+    if len(arrays) < keep:
+        arrays.append(a)
+    return a
+
+
+def to_input(x, channels, mean, std, gray_source):
+    """uint8 (..., H, W, 3) -> normalised float32 (..., C, H, W) for the model in one pass: a
+    parallel numba kernel on CPU tensors (JIT on), else torch ops doing the same float32
+    arithmetic (GPU tensors; tests with the JIT off), so both give identical values.
+    3 channels and gray storage: v * (1 / (255 std)) + (-mean / std); luma: the luma of v / 255,
+    then * (1 / std) + (-mean / std)."""
+    mode = 0 if channels == 3 else (1 if gray_source else 2)
+    std32, mean32 = std.float(), mean.float()
+    scale = (1.0 / (std32.double() * (255.0 if mode < 2 else 1.0))).float()
+    shift = (-mean32.double() / std32.double()).float()
+    lead = x.shape[:-3]
+    h, w = x.shape[-3:-1]
+    if x.device.type == 'cpu' and not numba.config.DISABLE_JIT:
+        src = x.reshape(-1, h, w, 3).contiguous().numpy()
+        out = _pooled((src.shape[0], channels, h, w))
+        _u8_to_input(src, out, scale.cpu().numpy(), shift.cpu().numpy(), mode)
+        return torch.from_numpy(out).view(*lead, channels, h, w)
+    dims = list(range(x.dim() - 3)) + [x.dim() - 1, x.dim() - 3, x.dim() - 2]
+    v = x.permute(*dims).float()  # (..., 3, H, W)
+    shape = [1] * (v.dim() - 3) + [channels, 1, 1]
+    if mode == 1:
+        v = v[..., 0:1, :, :]
+    elif mode == 2:
+        u = v * torch.tensor(1.0 / 255.0, dtype=torch.float32)
+        v = (GRAY_WEIGHTS[0] * u[..., 0:1, :, :] + GRAY_WEIGHTS[1] * u[..., 1:2, :, :]
+             + GRAY_WEIGHTS[2] * u[..., 2:3, :, :])
+    return (v * scale.to(v.device).view(shape) + shift.to(v.device).view(shape)).contiguous()
+
+
 def _finish(x, channels, mean, std, gray_source):
     """(..., 3, H, W) in [0, 1], owned by the caller -> channel selection + normalisation, in
     place where possible. channels=1: the stored plane of 1-channel data (exact), else luma."""
@@ -1330,6 +1408,10 @@ class SSLLoader:
             labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
             views = []
             for g, x in enumerate(groups):
+                if self.augment is None:  # colour done in the decoder: uint8 -> input in one pass
+                    views.append(to_input(x.to(dev, non_blocking=True), self.channels, self.mean,
+                                          self.std, self.info['channels'] == 1))
+                    continue
                 x = _to_unit_float(x.to(dev, non_blocking=True))  # (B, V, 3, H, W) in [0, 1]
                 if g == 0 and x.shape[1] != self.num_views:  # 'noise': one decoded view, V copies
                     x = x.expand(-1, self.num_views, -1, -1, -1).contiguous()
@@ -1444,10 +1526,10 @@ class EvalLoader:
         for k, out in enumerate(batches):
             named = dict(zip(self._names, out))
             labels = named['label'].reshape(-1).to(dev, torch.int64, copy=True)
-            x = _to_unit_float(named['image'].to(dev, non_blocking=True))[:, 0]
+            x = to_input(named['image'].to(dev, non_blocking=True)[:, 0], self.channels, self.mean,
+                         self.std, self.info['channels'] == 1)
             start = k * self.batch_size
             idx = torch.from_numpy(self.indices[start:start + len(labels)])
-            x = _finish(x, self.channels, self.mean, self.std, self.info['channels'] == 1)
             yield x, labels, idx.to(dev, torch.int64)
 
 

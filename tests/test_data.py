@@ -427,6 +427,26 @@ def test_multi_crop_two_sizes_from_one_decode(betons):
         data.build_ssl_loader(betons['idx'], 8, 2, 12, recipe='noise', small_views=2, small_res=6)
 
 
+def test_input_buffers_reused_only_when_released():
+    """to_input's pooled output arrays: never handed out while any tensor still views them."""
+    x = torch.randint(0, 256, (2, 2, 8, 8, 3), dtype=torch.uint8)
+    m, s = torch.tensor([.4, .5, .6]), torch.tensor([.2, .2, .2])
+    ref = data._finish(data._to_unit_float(x), 3, m, s, False)
+    src = x.reshape(-1, 8, 8, 3).numpy()
+    scale, shift = (1 / (255 * s)).numpy(), (-m / s).numpy()
+    a = torch.from_numpy(data._pooled((4, 3, 8, 8)))
+    b = torch.from_numpy(data._pooled((4, 3, 8, 8)))
+    assert a.data_ptr() != b.data_ptr()
+    keep, pa = a[1], a.data_ptr()
+    del a
+    assert torch.from_numpy(data._pooled((4, 3, 8, 8))).data_ptr() != pa  # a slice still views it
+    del keep
+    c = data._pooled((4, 3, 8, 8))
+    assert c.ctypes.data == pa  # released: reused
+    data._u8_to_input(src, c, scale, shift, 0)  # plain Python here (JIT off in tests)
+    assert torch.allclose(torch.from_numpy(c).view(2, 2, 3, 8, 8), ref, atol=1e-5)
+
+
 def test_noise_recipe(betons):
     _, (b,) = ssl_batches(betons['idx'], recipe='noise', num_views=3, res=16, channels=1,
                           noise_std=0.05)
@@ -449,6 +469,8 @@ for name, path in json.loads(sys.argv[2]).items():
     ld = data.build_ssl_loader(path, 8, 2, 12, recipe='imagenet', workers=2, seed=3,
                                small_views=2, small_res=6)
     out[name + '_mc'] = [(v, y) for v, y in ld]
+    for ch in (1, 3):  # eval loader: the fused uint8 -> normalised input kernel, both channel modes
+        out[name + f'_eval{ch}'] = [x for x, _, _ in data.build_eval_loader(path, 16, 12, channels=ch)]
 torch.save(out, sys.argv[3])
 '''
 
@@ -473,6 +495,10 @@ def test_numba_compiled_pipeline_matches_python(betons, tmp_path):
         _, (ref,) = ssl_batches(path, recipe='imagenet', num_views=2, small_views=2, small_res=6)
         for (va, ya), (vb, yb) in zip(ref, jit[k + '_mc']):  # multi-crop: flat two-size buffer
             assert all(torch.equal(a, b) for a, b in zip(va, vb)) and torch.equal(ya, yb)
+        for ch in (1, 3):
+            ref = [x for x, _, _ in data.build_eval_loader(path, 16, 12, channels=ch)]
+            assert len(ref) == len(jit[k + f'_eval{ch}'])
+            assert all(torch.equal(a, b) for a, b in zip(ref, jit[k + f'_eval{ch}']))
 
 
 def test_distributed_shards(betons):

@@ -94,8 +94,9 @@ class SubspaceClusterMLP(nn.Module):
     """ELU MLP backbone with a subspace head (unit-norm z) and a cluster head (logits), as the
     NMCE toy's MLP_net; optionally on random Fourier features of the input."""
 
-    def __init__(self, hidden=256, depth=5, z_dim=3, n_clusters=2, fourier=0, fourier_scale=1.0, generator=None):
+    def __init__(self, hidden=256, depth=5, z_dim=3, n_clusters=2, fourier=0, fourier_scale=1.0, generator=None, gain=1.0):
         super().__init__()
+        self.gain = gain
         d = 2
         if fourier:
             self.register_buffer('proj', fourier_scale * torch.randn(2, fourier, generator=generator))
@@ -113,7 +114,7 @@ class SubspaceClusterMLP(nn.Module):
     def forward(self, x):
         if self.proj is not None:
             u = x @ self.proj
-            x = torch.cat([torch.sin(u), torch.cos(u)], -1)
+            x = self.gain * torch.cat([torch.sin(u), torch.cos(u)], -1)
         h = self.backbone(x)
         return F.normalize(self.subspace(h), dim=-1), self.cluster(h)
 
@@ -220,6 +221,7 @@ def get_args_parser():
     g.add_argument('--step', type=float, default=1.0, help='x')
     g.add_argument('--fourier', type=int, default=0, help='x')
     g.add_argument('--fourier_scale', type=float, default=1.0, help='x')
+    g.add_argument('--gain', type=float, default=1.0, help='x')
     g = p.add_argument_group('ssl')
     g.add_argument('--eps', type=float, default=0.01, help='MCR^2 distortion eps (NMCE toy: 0.01). (default: %(default)s)')
     g.add_argument('--z_weight', type=float, default=4000.0,
@@ -251,7 +253,7 @@ def main(args):
     gen = torch.Generator().manual_seed(args.seed)
     x_eval, y_eval = make_spirals(args.num_eval, args.data_noise, torch.Generator().manual_seed(args.seed + 1),
                                   args.turns)
-    net = SubspaceClusterMLP(args.hidden, z_dim=args.z_dim, fourier=args.fourier, fourier_scale=args.fourier_scale, generator=torch.Generator().manual_seed(args.seed + 2))
+    net = SubspaceClusterMLP(args.hidden, z_dim=args.z_dim, fourier=args.fourier, fourier_scale=args.fourier_scale, generator=torch.Generator().manual_seed(args.seed + 2), gain=args.gain)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-5)
     history = []
     for step in range(args.steps + 1):
