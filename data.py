@@ -708,12 +708,12 @@ def _apply_colour(o, scratch, q, max_radius):
         w3 = 3 * w
         for i in range(h):
             row = x[i * w3:(i + 1) * w3]
-            for jj in range(w + 2 * rad):
-                j = jj - rad
-                j = -j if j < 0 else (2 * (w - 1) - j if j >= w else j)
-                pad[3 * jj] = row[3 * j]
-                pad[3 * jj + 1] = row[3 * j + 1]
-                pad[3 * jj + 2] = row[3 * j + 2]
+            for k in range(w3):  # interior: a straight copy
+                pad[3 * rad + k] = row[k]
+            for a in range(1, rad + 1):  # reflected borders
+                for c in range(3):
+                    pad[3 * (rad - a) + c] = row[3 * a + c]
+                    pad[3 * (rad + w - 1 + a) + c] = row[3 * (w - 1 - a) + c]
             out = t[i * w3:(i + 1) * w3]
             kc = ker[rad]
             for k in range(w3):
@@ -763,7 +763,7 @@ class DecodeViews(Operation):
     """
     def __init__(self, res, num_views=1, mode='random', scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  flip_prob=0.5, center_ratio=1.0, seed=0, view_offset=0, small_views=0,
-                 small_res=96, small_scale=(0.05, 0.14), colour=None):
+                 small_res=96, small_scale=(0.05, 0.14), colour=None, threads=2):
         super().__init__()
         if mode not in ('random', 'center'):
             raise ValueError(f"DecodeViews mode is 'random' or 'center', not {mode!r}")
@@ -776,6 +776,7 @@ class DecodeViews(Operation):
         self.small_views, self.small_res = int(small_views), int(small_res)
         self.small_scale = tuple(small_scale)
         self.colour = colour  # colour_table(specs) or None: colour ops here, on the CPU
+        self.threads = int(threads)  # ffcv worker threads (parallel chunks per batch)
         self.colour_radius = int(colour[:, _P_RADIUS].max()) if colour is not None else 0
 
     @property
@@ -803,9 +804,11 @@ class DecodeViews(Operation):
         if self.small_views:  # two sizes in one flat buffer: decode once for all V + K crops
             out = (sum(self.flat_sizes),)
         u1 = np.dtype('<u1')
+        cscratch = colour_scratch_size(self.res, self.colour_radius) if self.colour is not None else 1
         return (replace(previous_state, jit_mode=True, shape=out, dtype=u1),
                 (AllocationQuery(out, u1), AllocationQuery((scratch,), u1),
-                 AllocationQuery((1,), np.dtype('<i8'))))
+                 AllocationQuery((1,), np.dtype('<i8')),
+                 AllocationQuery((cscratch,), np.dtype('<f4'))))
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
@@ -819,9 +822,10 @@ class DecodeViews(Operation):
 
         colour = self.colour if self.colour is not None else np.zeros((1, 11))
         has_colour, n_types, radius = self.colour is not None, len(colour), self.colour_radius
-        # float32 working memory of the colour ops: one row per THREAD (allocated per batch), so it
-        # stays in cache from one view to the next (one per sample would stream from DRAM)
-        csize = colour_scratch_size(self.res, radius) if has_colour else 1
+        # the batch is cut into n_slots contiguous chunks run in parallel; chunk sl uses float32
+        # colour scratch row sl for all its views, so that memory stays in cache (a row per
+        # sample would stream from DRAM at ImageNet size)
+        n_slots = max(1, 2 * self.threads)
 
         def cut_views(img, out, key, s, h, w, cs):
             """img (h, w, 3) -> out (V, res, res, 3): one crop (+ flip) (+ colour) per view."""
@@ -869,36 +873,40 @@ class DecodeViews(Operation):
         # NDArrayField stores a bare pointer per sample, RGBImageField a record.
         if gray:
             def decode(batch_indices, my_storage, metadata, storage_state):
-                dst, scratch, epoch_buf = my_storage
+                dst, scratch, epoch_buf, cscratch = my_storage
                 key = _epoch_key(seed, epoch_buf[0, 0])
-                cscratch = np.empty((numba.get_num_threads(), csize), dtype=np.float32)
-                for b in my_range(len(batch_indices)):
-                    s = np.int64(batch_indices[b])
-                    plane = mem_read(metadata[s], storage_state).reshape(gh, gw)
-                    img = scratch[b][:gh * gw * 3].reshape(gh, gw, 3)
-                    for c in range(3):
-                        img[:, :, c] = plane
-                    cut(img, dst[b], key, s, gh, gw, cscratch[numba.get_thread_id()])
-                return dst[:len(batch_indices)]
+                n = len(batch_indices)
+                slots = min(n, n_slots)
+                for sl in my_range(slots):  # contiguous chunks: colour scratch row sl stays cached
+                    for b in range(sl * n // slots, (sl + 1) * n // slots):
+                        s = np.int64(batch_indices[b])
+                        plane = mem_read(metadata[s], storage_state).reshape(gh, gw)
+                        img = scratch[b][:gh * gw * 3].reshape(gh, gw, 3)
+                        for c in range(3):
+                            img[:, :, c] = plane
+                        cut(img, dst[b], key, s, gh, gw, cscratch[sl])
+                return dst[:n]
         else:
             def decode(batch_indices, my_storage, metadata, storage_state):
-                dst, scratch, epoch_buf = my_storage
+                dst, scratch, epoch_buf, cscratch = my_storage
                 key = _epoch_key(seed, epoch_buf[0, 0])
-                cscratch = np.empty((numba.get_num_threads(), csize), dtype=np.float32)
-                for b in my_range(len(batch_indices)):
-                    s = np.int64(batch_indices[b])
-                    field = metadata[s]
-                    data = mem_read(field['data_ptr'], storage_state)
-                    h, w = np.int64(field['height']), np.int64(field['width'])
-                    if field['mode'] == 0:  # jpg: decode into this sample's scratch buffer
-                        buf = scratch[b]
-                        ctypes_imdecode(data.ctypes.data, data.size, h, w, buf.ctypes.data,
-                                        h, w, 0, 0, 1, 1, False, False)
-                        img = buf[:h * w * 3].reshape(h, w, 3)
-                    else:
-                        img = data.reshape(h, w, 3)
-                    cut(img, dst[b], key, s, h, w, cscratch[numba.get_thread_id()])
-                return dst[:len(batch_indices)]
+                n = len(batch_indices)
+                slots = min(n, n_slots)
+                for sl in my_range(slots):
+                    for b in range(sl * n // slots, (sl + 1) * n // slots):
+                        s = np.int64(batch_indices[b])
+                        field = metadata[s]
+                        data = mem_read(field['data_ptr'], storage_state)
+                        h, w = np.int64(field['height']), np.int64(field['width'])
+                        if field['mode'] == 0:  # jpg: decode into this sample's scratch buffer
+                            buf = scratch[b]
+                            ctypes_imdecode(data.ctypes.data, data.size, h, w, buf.ctypes.data,
+                                            h, w, 0, 0, 1, 1, False, False)
+                            img = buf[:h * w * 3].reshape(h, w, 3)
+                        else:
+                            img = data.reshape(h, w, 3)
+                        cut(img, dst[b], key, s, h, w, cscratch[sl])
+                return dst[:n]
 
         decode.is_parallel = True
         return decode
@@ -1480,9 +1488,10 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
         ops = [DecodeViews(res, 1, mode='center', flip_prob=0.0, seed=aug_seed)]
     elif decode_once:
         ops = [DecodeViews(res, num_views, scale=scale, seed=aug_seed, small_views=small_views,
-                           small_res=small_res, small_scale=small_scale, colour=table)]
+                           small_res=small_res, small_scale=small_scale, colour=table,
+                           threads=workers)]
     else:
-        ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v,
+        ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v, threads=workers,
                            colour=None if table is None else np.roll(table, -v, axis=0))
                for v in range(num_views)]
     pipelines = {'image': PipelineSpec('image', decoder=ops[0], transforms=list(tail)),

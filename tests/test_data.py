@@ -480,7 +480,7 @@ def test_numba_compiled_pipeline_matches_python(betons, tmp_path):
     to the plain-Python ops (JPEG RGB decoder; the 1-channel one differs only in how it reads
     the pixels). Runs in a subprocess with the JIT on (tests/conftest.py turns it off here);
     ~15-40 s of compilation."""
-    paths = {'idx_jpg': betons['idx_jpg']}
+    paths = {'idx_jpg': betons['idx_jpg'], 'idx': betons['idx']}  # RGB (JPEG) and gray decoders
     env = {k: v for k, v in os.environ.items() if k != 'NUMBA_DISABLE_JIT'}
     r = subprocess.run([sys.executable, '-c', JIT_RUN, str(ROOT), json.dumps(paths),
                         str(tmp_path / 'jit.pt')], env=env, capture_output=True, text=True,
