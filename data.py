@@ -624,76 +624,163 @@ def colour_scratch_size(res, max_radius):
     return 2 * res * res * 3 + 3 * (res + 2 * max_radius)
 
 
+# Each colour op is its own small njit function: LLVM vectorises the flat loops of a small
+# function better than the same loops inside one large one. The blur's row pass indexes slices of
+# `pad` from 0: indexing pad[lo + k] (numba's negative-index wrap-around check on every access)
+# ran it 10x slower. Per-pixel ops keep x[3 * p + c]: a 3-element slice per pixel costs more.
+_WR, _WG, _WB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
+
+
+@numba.njit(cache=True)
+def _u8_to_unit(src, x):
+    inv = np.float32(1.0 / 255.0)
+    for k in range(x.shape[0]):
+        x[k] = np.float32(src[k]) * inv
+
+
+@numba.njit(cache=True)
+def _brightness(x, f):  # blend with black
+    for k in range(x.shape[0]):
+        x[k] = _clamp01(f * x[k])
+
+
+@numba.njit(cache=True)
+def _contrast(x, f):  # blend with the mean luma of the image
+    npix = x.shape[0] // 3
+    m = np.float64(0.0)  # float64 sum in JIT and plain-Python mode alike
+    for p in range(npix):
+        m += _WR * x[3 * p] + _WG * x[3 * p + 1] + _WB * x[3 * p + 2]
+    mf = np.float32(m / npix) * (np.float32(1.0) - f)
+    for k in range(x.shape[0]):
+        x[k] = _clamp01(f * x[k] + mf)
+
+
+@numba.njit(cache=True)
+def _saturation(x, f):  # blend with the pixel's luma
+    npix = x.shape[0] // 3
+    g1 = np.float32(1.0) - f
+    for p in range(npix):
+        g = (_WR * x[3 * p] + _WG * x[3 * p + 1] + _WB * x[3 * p + 2]) * g1
+        x[3 * p] = _clamp01(f * x[3 * p] + g)
+        x[3 * p + 1] = _clamp01(f * x[3 * p + 1] + g)
+        x[3 * p + 2] = _clamp01(f * x[3 * p + 2] + g)
+
+
+@numba.njit(cache=True)
+def _hue(x, f):  # rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
+    one, six = np.float32(1.0), np.float32(6.0)
+    shift = six * np.float32(f)
+    for p in range(x.shape[0] // 3):
+        r, g, b = x[3 * p], x[3 * p + 1], x[3 * p + 2]
+        mx = max(r, max(g, b))
+        delta = mx - min(r, min(g, b))
+        sat = delta / (mx if mx > 0 else one)
+        d = delta if delta > 0 else one
+        hh = ((g - b) / d if mx == r else
+              (np.float32(2.0) + (b - r) / d if mx == g else np.float32(4.0) + (r - g) / d))
+        h6 = hh + shift  # in [-4, 8): remainder mod 6 by one conditional add/subtract
+        h6 = h6 + six if h6 < 0 else (h6 - six if h6 >= six else h6)
+        vs = mx * sat
+        k0 = h6 + np.float32(5.0)
+        k0 = k0 - six if k0 >= six else k0
+        k1 = h6 + np.float32(3.0)
+        k1 = k1 - six if k1 >= six else k1
+        k2 = h6 + one
+        k2 = k2 - six if k2 >= six else k2
+        x[3 * p] = mx - vs * _clamp01(min(k0, np.float32(4.0) - k0))
+        x[3 * p + 1] = mx - vs * _clamp01(min(k1, np.float32(4.0) - k1))
+        x[3 * p + 2] = mx - vs * _clamp01(min(k2, np.float32(4.0) - k2))
+
+
+@numba.njit(cache=True)
+def _grayscale(x):
+    for p in range(x.shape[0] // 3):
+        g = _WR * x[3 * p] + _WG * x[3 * p + 1] + _WB * x[3 * p + 2]
+        x[3 * p] = g
+        x[3 * p + 1] = g
+        x[3 * p + 2] = g
+
+
+@numba.njit(cache=True)
+def _blur_rows(x, t, pad, ker, h, w3, rad):
+    """Horizontal pass of the separable blur, x -> t, rows copied into `pad` with reflected borders."""
+    nk = 2 * rad + 1
+    mid = pad[3 * rad:3 * rad + w3]
+    kc = ker[rad]
+    for i in range(h):
+        row = x[i * w3:(i + 1) * w3]
+        for k in range(w3):  # interior: a straight copy
+            mid[k] = row[k]
+        for a in range(1, rad + 1):  # reflected borders
+            for c in range(3):
+                pad[3 * (rad - a) + c] = row[3 * a + c]
+                pad[3 * rad + w3 + 3 * (a - 1) + c] = row[w3 - 3 * (a + 1) + c]
+        out = t[i * w3:(i + 1) * w3]
+        for k in range(w3):
+            out[k] = kc * mid[k]
+        for a in range(rad):  # symmetric taps: one multiply per pair
+            ka, p0, p1 = ker[a], pad[3 * a:3 * a + w3], pad[3 * (nk - 1 - a):3 * (nk - 1 - a) + w3]
+            for k in range(w3):
+                out[k] += ka * (p0[k] + p1[k])
+
+
+@numba.njit(cache=True)
+def _blur_cols(t, x, ker, h, w3, rad):
+    """Vertical pass, t -> x, rows reflected at the top and bottom."""
+    kc = ker[rad]
+    for i in range(h):
+        out, row = x[i * w3:(i + 1) * w3], t[i * w3:(i + 1) * w3]
+        for k in range(w3):
+            out[k] = kc * row[k]
+        for a in range(rad):  # rows i - (rad - a) and i + (rad - a), reflected
+            i0, i1 = i - (rad - a), i + (rad - a)
+            i0 = -i0 if i0 < 0 else i0
+            i1 = 2 * (h - 1) - i1 if i1 >= h else i1
+            ka, r0, r1 = ker[a], t[i0 * w3:(i0 + 1) * w3], t[i1 * w3:(i1 + 1) * w3]
+            for k in range(w3):
+                out[k] += ka * (r0[k] + r1[k])
+
+
+@numba.njit(cache=True)
+def _unit_to_u8(x, dst, solarize):
+    half, top, one = np.float32(0.5), np.float32(255.0), np.float32(1.0)
+    for k in range(x.shape[0]):
+        v = x[k]
+        if solarize and v >= half:
+            v = one - v
+        v = v * top + half
+        dst[k] = np.uint8(np.float32(0.0) if v < 0 else (top if v > top else v))
+
+
 @numba.njit(cache=True)
 def _apply_colour(o, scratch, q, max_radius):
     """Apply parameters q (from _colour_params) to one view o (h, w, 3) uint8, in place, working
     in float32 on `scratch` (colour_scratch_size floats); the ops of ViewAugment.apply in its
-    order (jitter steps, gray, blur, solarize), rounded to uint8 once at the end. Flat loops over
-    contiguous memory so that LLVM vectorises them."""
+    order (jitter steps, gray, blur, solarize), rounded to uint8 once at the end."""
     jit, gray, blur, sol = q[0] > 0, q[9] > 0, q[10] > 0, q[12] > 0
     if not (jit or gray or blur or sol):
         return
     h, w = o.shape[0], o.shape[1]
-    npix = h * w
-    n = npix * 3
+    n = h * w * 3
     src = o.reshape(n)
     x = scratch[:n]
-    wr, wg, wb = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
-    one, six = np.float32(1.0), np.float32(6.0)
-    inv = np.float32(1.0 / 255.0)
-    for k in range(n):
-        x[k] = np.float32(src[k]) * inv
+    _u8_to_unit(src, x)
     if jit:
         for step in range(4):
             op = int(q[5 + step])
             f = np.float32(q[1 + op])
-            if op == 0:  # brightness: blend with black
-                for k in range(n):
-                    x[k] = _clamp01(f * x[k])
-            elif op == 1:  # contrast: blend with the mean luma of the image
-                m = np.float64(0.0)  # float64 sum in JIT and plain-Python mode alike
-                for p in range(npix):
-                    m += wr * x[3 * p] + wg * x[3 * p + 1] + wb * x[3 * p + 2]
-                mf = np.float32(m / npix) * (one - f)
-                for k in range(n):
-                    x[k] = _clamp01(f * x[k] + mf)
-            elif op == 2:  # saturation: blend with the pixel's luma
-                g1 = one - f
-                for p in range(npix):
-                    g = (wr * x[3 * p] + wg * x[3 * p + 1] + wb * x[3 * p + 2]) * g1
-                    x[3 * p] = _clamp01(f * x[3 * p] + g)
-                    x[3 * p + 1] = _clamp01(f * x[3 * p + 1] + g)
-                    x[3 * p + 2] = _clamp01(f * x[3 * p + 2] + g)
-            else:  # hue: rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
-                shift = six * np.float32(q[4])
-                for p in range(npix):
-                    r, g, b = x[3 * p], x[3 * p + 1], x[3 * p + 2]
-                    mx = max(r, max(g, b))
-                    delta = mx - min(r, min(g, b))
-                    sat = delta / (mx if mx > 0 else one)
-                    d = delta if delta > 0 else one
-                    hh = ((g - b) / d if mx == r else
-                          (np.float32(2.0) + (b - r) / d if mx == g else np.float32(4.0) + (r - g) / d))
-                    h6 = hh + shift  # in [-4, 8): remainder mod 6 by one conditional add/subtract
-                    h6 = h6 + six if h6 < 0 else (h6 - six if h6 >= six else h6)
-                    vs = mx * sat
-                    k0 = h6 + np.float32(5.0)
-                    k0 = k0 - six if k0 >= six else k0
-                    k1 = h6 + np.float32(3.0)
-                    k1 = k1 - six if k1 >= six else k1
-                    k2 = h6 + one
-                    k2 = k2 - six if k2 >= six else k2
-                    x[3 * p] = mx - vs * _clamp01(min(k0, np.float32(4.0) - k0))
-                    x[3 * p + 1] = mx - vs * _clamp01(min(k1, np.float32(4.0) - k1))
-                    x[3 * p + 2] = mx - vs * _clamp01(min(k2, np.float32(4.0) - k2))
+            if op == 0:
+                _brightness(x, f)
+            elif op == 1:
+                _contrast(x, f)
+            elif op == 2:
+                _saturation(x, f)
+            else:
+                _hue(x, q[4])
     if gray:
-        for p in range(npix):
-            g = wr * x[3 * p] + wg * x[3 * p + 1] + wb * x[3 * p + 2]
-            x[3 * p] = g
-            x[3 * p + 1] = g
-            x[3 * p + 2] = g
-    if blur:  # separable Gaussian, reflect padding: rows (padded copy) into t, then columns
-        rad = min(max_radius, int(math.ceil(3.0 * q[11])), h - 1, w - 1)  # support 3 sigma
+        _grayscale(x)
+    if blur:  # separable Gaussian, reflect padding, support 3 sigma
+        rad = min(max_radius, int(math.ceil(3.0 * q[11])), h - 1, w - 1)
         nk = 2 * rad + 1
         ker = np.empty(nk, dtype=np.float32)
         total = np.float32(0.0)
@@ -705,42 +792,9 @@ def _apply_colour(o, scratch, q, max_radius):
             ker[a] = ker[a] / total
         t = scratch[n:2 * n]
         pad = scratch[2 * n:2 * n + 3 * (w + 2 * rad)]
-        w3 = 3 * w
-        for i in range(h):
-            row = x[i * w3:(i + 1) * w3]
-            for k in range(w3):  # interior: a straight copy
-                pad[3 * rad + k] = row[k]
-            for a in range(1, rad + 1):  # reflected borders
-                for c in range(3):
-                    pad[3 * (rad - a) + c] = row[3 * a + c]
-                    pad[3 * (rad + w - 1 + a) + c] = row[3 * (w - 1 - a) + c]
-            out = t[i * w3:(i + 1) * w3]
-            kc = ker[rad]
-            for k in range(w3):
-                out[k] = kc * pad[3 * rad + k]
-            for a in range(rad):  # symmetric taps: one multiply per pair
-                ka, lo, hi = ker[a], 3 * a, 3 * (nk - 1 - a)
-                for k in range(w3):
-                    out[k] += ka * (pad[lo + k] + pad[hi + k])
-        for i in range(h):
-            out = x[i * w3:(i + 1) * w3]
-            kc, row = ker[rad], t[i * w3:(i + 1) * w3]
-            for k in range(w3):
-                out[k] = kc * row[k]
-            for a in range(rad):  # rows i - (rad - a) and i + (rad - a), reflected
-                i0, i1 = i - (rad - a), i + (rad - a)
-                i0 = -i0 if i0 < 0 else i0
-                i1 = 2 * (h - 1) - i1 if i1 >= h else i1
-                ka, r0, r1 = ker[a], t[i0 * w3:(i0 + 1) * w3], t[i1 * w3:(i1 + 1) * w3]
-                for k in range(w3):
-                    out[k] += ka * (r0[k] + r1[k])
-    half, top = np.float32(0.5), np.float32(255.0)
-    for k in range(n):
-        v = x[k]
-        if sol and v >= half:
-            v = one - v
-        v = v * top + half
-        src[k] = np.uint8(np.float32(0.0) if v < 0 else (top if v > top else v))
+        _blur_rows(x, t, pad, ker, h, 3 * w, rad)
+        _blur_cols(t, x, ker, h, 3 * w, rad)
+    _unit_to_u8(x, src, sol)
 
 
 # ---- ffcv operation: decode once, cut V views ------------------------------------------------

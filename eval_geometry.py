@@ -223,6 +223,33 @@ def analyse(name, weights, init, args, device):
 COLOURS = plt.rcParams['axes.prop_cycle'].by_key()['color']
 
 
+def save_figure(fig, path, dpi=110):
+    """tight_layout, write the PNG, free the figure (every figure of the geometry stages and toys)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def grouped_bars(ax, groups, tick_labels, names, colours=COLOURS):
+    """One bar per (group, position): groups is a list of equal-length value lists, drawn side by
+    side at each tick and labelled names[i] (shared by the packing fractions and the toys' spectra)."""
+    w = 0.8 / len(groups)
+    for i, (vals, name) in enumerate(zip(groups, names)):
+        ax.bar(np.arange(len(vals)) + i * w, vals, w, color=colours[i % len(colours)], label=name)
+    ax.set_xticks(np.arange(len(tick_labels)) + 0.4 - w / 2, tick_labels)
+
+
+def unit_sphere(ax, colour='0.85', zoom=1.3):
+    """A unit-sphere wireframe on a 3-D axis with equal aspect and no axes (features after L2
+    normalisation live on it)."""
+    u, w = np.mgrid[0:2 * np.pi:24j, 0:np.pi:12j]
+    ax.plot_wireframe(np.cos(u) * np.sin(w), np.sin(u) * np.sin(w), np.cos(w), color=colour, lw=0.4)
+    for lim in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+        lim(-1, 1)
+    ax.set_box_aspect((1, 1, 1), zoom=zoom)
+    ax.set_axis_off()
+
+
 def plot_spectrum(results, path):
     parts = [p for p in ('backbone', 'projector') if any(p in r for r in results)]
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
@@ -240,9 +267,7 @@ def plot_spectrum(results, path):
         ax.set_ylabel('log singular value of $E^TE/n$')
         ax.set_title(f'dimensional collapse: {part} features')
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_gmm(results, path):
@@ -258,9 +283,7 @@ def plot_gmm(results, path):
     ax.set_ylabel('entropy estimate (nats)')
     ax.set_title('intra-cluster collapse (diagonal GMM)')
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_packing(results, arrays, path):
@@ -281,20 +304,16 @@ def plot_packing(results, arrays, path):
     axes[0, 0].legend(fontsize=8)
     ax = axes.flat[-1]
     keys = ['nc_acc', 'frac_contact', 'rattler_frac', 'overlap_frac']
-    w = 0.8 / len(results)
-    for i, r in enumerate(results):
-        ax.bar(np.arange(len(keys)) + i * w, [r['packing'][k] for k in keys], w, color=COLOURS[i % 10],
-               label=r['name'])
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - w / 2, ['nearest-centre\naccuracy', 'with >= 1\ncontact',
-                                                      'rattlers', 'overlapping\npairs'], fontsize=8)
+    grouped_bars(ax, [[r['packing'][k] for k in keys] for r in results],
+                 ['nearest-centre\naccuracy', 'with >= 1\ncontact', 'rattlers', 'overlapping\npairs'],
+                 [r['name'] for r in results])
+    ax.tick_params(axis='x', labelsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title('fractions')
     first = results[0]
     fig.suptitle(f"CLAMP packing statistics ({first['packing']['features']} outputs, {first['num_images']} test "
                  f"images x {first['num_views']} views, r_s {first['r_s']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- flags and main ----------------------------------------------------------------------------

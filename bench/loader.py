@@ -273,12 +273,17 @@ def ratio_table(rows):
         r['speedup_vs_torchvision'] = round(r['views_per_s'] / b['views_per_s'], 2) if b and r is not b else None
         t = two.get((r['dataset'], r['recipe'], r['loader'], r['decode'], r['colour']))
         r['time_per_image_vs_v2'] = round(t['images_per_s'] / r['images_per_s'], 2) if t else None
-    print('\ndataset      recipe   loader      colour   V   views/s   x torchvision   time/img vs V=2')
+    print('\n| data | recipe | loader (colour ops) | V | views/s | CPU-ms/image | x torchvision (views/s) '
+          '| x torchvision (CPU) | time/image vs V=2 | load |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
-        sp = f"{r['speedup_vs_torchvision']:.1f}x" if r['speedup_vs_torchvision'] else '-'
-        tv = f"{r['time_per_image_vs_v2']:.2f}x" if r['time_per_image_vs_v2'] else '-'
-        print(f"{r['dataset']:12s} {r['recipe']:8s} {r['loader']:11s} {r['colour']:7s} {r['views']:2d} "
-              f"{r['views_per_s']:9.1f} {sp:>14s} {tv:>16s}")
+        b = base.get(key(r))
+        cpu_x = f"{b['cpu_ms_per_image'] / r['cpu_ms_per_image']:.1f}" if b and r is not b else '–'
+        sp = f"{r['speedup_vs_torchvision']:.1f}" if r['speedup_vs_torchvision'] else '–'
+        tv = f"{r['time_per_image_vs_v2']:.2f}" if r['time_per_image_vs_v2'] else '–'
+        name = r['loader'] + (f" ({r['colour']})" if r['loader'] == 'ffcv' else '')
+        print(f"| {r['dataset']} | {r['recipe']} | {name} | {r['views']} | {r['views_per_s']:.0f} | "
+              f"{r['cpu_ms_per_image']:.3f} | {sp} | {cpu_x} | {tv} | {r['load_avg']} |")
 
 
 if __name__ == '__main__':

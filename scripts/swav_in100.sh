@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SwAV, ImageNet-100, ResNet-50, multi-crop 2 x 224 px (area 0.14-1) + 6 x 96 px (0.05-0.14) from one decode
 # (SwAV paper's crops; solo-learn's IN-100 hyper-parameters: LARS 0.6, wd 1e-6, tau 0.1, 3000 prototypes,
-# projector 2048-128, queue 3840 from epoch 50, prototypes frozen 2 epochs, 400 epochs).
+# projector 2048-128, queue 3840 from epoch 50, prototypes frozen 2 epochs, 400 epochs). Colour: the BYOL
+# asymmetric pair of SPEC §7 alternated over the crops (SwAV itself blurs every crop with p 0.5, no solarize).
 source "$(dirname "$0")/common.sh"
 $RUN train_ssl.py $IN100 --loss swav --temperature 0.1 --swav_prototypes 3000 --num_views 2 --recipe imagenet \
   --crop_min_scale 0.14 --num_small_views 6 --small_res 96 --small_scale 0.05 0.14 \

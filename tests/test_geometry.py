@@ -305,9 +305,17 @@ def test_nmce_toy_runs(tmp_path):
     import nmce_spirals
     x, y = nmce_spirals.make_spirals(100, 0.0, torch.Generator().manual_seed(0))
     assert torch.allclose(x[:50], -x[50:]) and y.tolist() == [0] * 50 + [1] * 50  # mirror-image arms
+    # neighbour views: both views of a pair lie on the pair's own spiral (angle = radius mod 2 pi for
+    # spiral 0, + pi for spiral 1), and they differ
+    v, yv = nmce_spirals.make_views(200, 'neighbour', sigma=0.0, step=5.0, noise=0.0,
+                                    generator=torch.Generator().manual_seed(1))
+    v = v.double()
+    phase = torch.atan2(v[..., 1], v[..., 0]) - v.norm(dim=-1) - math.pi * yv[:, None]
+    assert torch.allclose(torch.cos(phase), torch.ones_like(phase), atol=1e-4)
+    assert (v[:, 0] - v[:, 1]).norm(dim=-1).mean() > 0.5
     out = tmp_path / 'sp'
     args = nmce_spirals.get_args_parser().parse_args(
-        ['--steps', '20', '--eval_every', '10', '--batch_size', '128', '--hidden', '32', '--num_eval', '256',
+        ['--steps', '20', '--tcr_steps', '10', '--eval_every', '10', '--batch_size', '128', '--hidden', '32', '--num_eval', '256',
          '--output_dir', str(out)])
     nmce_spirals.main(args)
     r = json.load(open(out / 'results.json'))

@@ -40,7 +40,7 @@ from matplotlib.animation import PillowWriter  # noqa: E402
 import losses  # noqa: E402
 import utils  # noqa: E402
 from data import _read_idx  # noqa: E402
-from eval_geometry import packing_stats  # noqa: E402
+from eval_geometry import packing_stats, save_figure, unit_sphere  # noqa: E402
 
 SHARED_MNIST = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'mnist')
 FILES = ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
@@ -128,8 +128,7 @@ DIGIT_COLOURS = plt.get_cmap('tab10').colors
 def draw_sphere(ax, snap, title, azim):
     """Unit-sphere wireframe, every view as a dot, each digit's cap as a ring of radius r_i drawn
     on the sphere around its centre direction (the loss's contact size), the digit at the centre."""
-    u, w = np.mgrid[0:2 * np.pi:24j, 0:np.pi:12j]
-    ax.plot_wireframe(np.cos(u) * np.sin(w), np.sin(u) * np.sin(w), np.cos(w), color='0.85', lw=0.4)
+    unit_sphere(ax, zoom=1.35)
     t = np.linspace(0, 2 * np.pi, 60)
     for i in range(len(snap['c'])):
         col = DIGIT_COLOURS[i]
@@ -143,12 +142,7 @@ def draw_sphere(ax, snap, title, azim):
         ring = np.cos(ang) * n[:, None] + np.sin(ang) * (np.outer(a, np.cos(t)) + np.outer(b, np.sin(t)))
         ax.plot(ring[0], ring[1], ring[2], color=col, lw=1.2)
         ax.text(*(1.15 * n), str(i), color=col, fontsize=9, ha='center', va='center', weight='bold')
-    ax.set_xlim(-1, 1)
-    ax.set_ylim(-1, 1)
-    ax.set_zlim(-1, 1)
-    ax.set_box_aspect((1, 1, 1), zoom=1.35)
     ax.view_init(elev=20, azim=azim)
-    ax.set_axis_off()
     ax.set_title(title, fontsize=9)
 
 
@@ -197,9 +191,7 @@ def write_strip(snaps, history, path, panels=5):
         ax = fig.add_subplot(1, len(pick) + 1, k + 1, projection='3d')
         draw_sphere(ax, s, f"step {s['step']}\ncontacts {s['contacts']:.1f}, nc-acc {s['nc_acc']:.2f}", azim=30)
     draw_curves(fig.add_subplot(1, len(pick) + 1, len(pick) + 1), history)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # ---- flags and main -----------------------------------------------------------------------------
