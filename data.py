@@ -639,6 +639,36 @@ def _u8_to_unit(src, x):
 
 
 @numba.njit(cache=True)
+def _u8_to_unit_flipped(src, x, h, w):
+    """_u8_to_unit of the horizontally mirrored view: the flip costs nothing inside this pass."""
+    inv = np.float32(1.0 / 255.0)
+    w3 = 3 * w
+    for i in range(h):
+        a, b = src[i * w3:(i + 1) * w3], x[i * w3:(i + 1) * w3]
+        for j in range(w):
+            m = 3 * (w - 1 - j)
+            b[3 * j] = np.float32(a[m]) * inv
+            b[3 * j + 1] = np.float32(a[m + 1]) * inv
+            b[3 * j + 2] = np.float32(a[m + 2]) * inv
+
+
+@numba.njit(cache=True)
+def _flip_u8(o):
+    """Mirror a (h, w, 3) uint8 view in place by swapping pixels: no temporary array (the
+    `o[:] = o[:, ::-1].copy()` it replaces allocated one per view and cost 6x as much)."""
+    h, w = o.shape[0], o.shape[1]
+    f = o.reshape(h, 3 * w)
+    for i in range(h):
+        row = f[i]
+        for j in range(w // 2):
+            a, b = 3 * j, 3 * (w - 1 - j)
+            for c in range(3):
+                t = row[a + c]
+                row[a + c] = row[b + c]
+                row[b + c] = t
+
+
+@numba.njit(cache=True)
 def _brightness(x, f):  # blend with black
     for k in range(x.shape[0]):
         x[k] = _clamp01(f * x[k])
@@ -753,18 +783,24 @@ def _unit_to_u8(x, dst, solarize):
 
 
 @numba.njit(cache=True)
-def _apply_colour(o, scratch, q, max_radius):
+def _apply_colour(o, scratch, q, max_radius, flip=False):
     """Apply parameters q (from _colour_params) to one view o (h, w, 3) uint8, in place, working
     in float32 on `scratch` (colour_scratch_size floats); the ops of ViewAugment.apply in its
-    order (jitter steps, gray, blur, solarize), rounded to uint8 once at the end."""
+    order (jitter steps, gray, blur, solarize), rounded to uint8 once at the end. flip: mirror the
+    view first (read mirrored by the uint8 -> float pass; every op here commutes with the flip)."""
     jit, gray, blur, sol = q[0] > 0, q[9] > 0, q[10] > 0, q[12] > 0
     if not (jit or gray or blur or sol):
+        if flip:
+            _flip_u8(o)
         return
     h, w = o.shape[0], o.shape[1]
     n = h * w * 3
     src = o.reshape(n)
     x = scratch[:n]
-    _u8_to_unit(src, x)
+    if flip:
+        _u8_to_unit_flipped(src, x, h, w)
+    else:
+        _u8_to_unit(src, x)
     if jit:
         for step in range(4):
             op = int(q[5 + step])
@@ -895,10 +931,12 @@ class DecodeViews(Operation):
                 # trips a numba KeyError)
                 ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
                               o.shape[0], o.shape[1])
-                if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
-                    o[:] = o[:, ::-1].copy()
-                if has_colour:
-                    _apply_colour(o, cs, _colour_params(key, s, view, colour[v % n_types]), radius)
+                flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
+                if has_colour:  # the flip rides on the colour ops' first pass
+                    _apply_colour(o, cs, _colour_params(key, s, view, colour[v % n_types]), radius,
+                                  flip)
+                elif flip:
+                    _flip_u8(o)
 
         K, r = self.small_views, self.small_res
         nbig = self.flat_sizes[0]
@@ -916,10 +954,12 @@ class DecodeViews(Operation):
                 o = small[k]
                 ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
                               o.shape[0], o.shape[1])
-                if flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob:
-                    o[:] = o[:, ::-1].copy()
+                flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
                 if has_colour:  # view types restart at the first small view
-                    _apply_colour(o, cs, _colour_params(key, s, view, colour[k % n_types]), radius)
+                    _apply_colour(o, cs, _colour_params(key, s, view, colour[k % n_types]), radius,
+                                  flip)
+                elif flip:
+                    _flip_u8(o)
 
         cut = Compiler.compile(cut_multi if K else cut_views)
 

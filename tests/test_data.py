@@ -633,6 +633,25 @@ def test_decoder_colour_ops_equal_torch_ops():
         assert (q[:, 0] > 0).any() and (q[:, 9] > 0).any() and (q[:, 10] > 0).any()
 
 
+def test_decoder_flip_rides_on_the_colour_pass():
+    """The decoder's in-place flip mirrors the view, and _apply_colour(flip=True) equals the colour
+    ops applied to the mirrored view, to the bit (with and without ops drawn, odd widths)."""
+    table = data.colour_table(data.recipe_specs('imagenet'))
+    _, q = _decoder_params(table[0], 8, 0, seed=2)
+    rng = np.random.default_rng(1)
+    for w in (7, 8):
+        img = rng.integers(0, 256, size=(5, w, 3), dtype=np.uint8)
+        o = img.copy()
+        data._flip_u8(o)
+        assert np.array_equal(o, img[:, ::-1])
+        scratch = np.empty(data.colour_scratch_size(w, int(table[0, 10])), np.float32)
+        for qi in [np.zeros(14)] + list(q):
+            a, b = img.copy(), img[:, ::-1].copy()
+            data._apply_colour(a, scratch, qi, int(table[0, 10]), True)
+            data._apply_colour(b, scratch, qi, int(table[0, 10]))
+            assert np.array_equal(a, b)
+
+
 def test_colour_ops_match_torchvision():
     import torchvision.transforms.v2.functional as TF
     x = torch.rand(3, 3, 17, 19, dtype=torch.float64)
