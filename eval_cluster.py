@@ -17,7 +17,6 @@ features, a test sample goes to the class of smallest residual; NMCE `evals/supe
 NMCE's feature averaging over augmented passes (`--aug_passes 16`). One process (no torchrun).
 """
 import argparse
-import json
 import os
 
 import numpy as np
@@ -351,9 +350,7 @@ def main(args):
                                       'num_test': len(tey)}
         print(f"| nearest subspace ({args.ns_components} components per class, train -> test): "
               f"PCA {ns['pca_acc']:.2f}  uncentred SVD {ns['svd_acc']:.2f}")
-    utils.atomic_write_text(os.path.join(args.output_dir, 'results.json'), json.dumps(result, indent=2))
-    utils.log_stats(args.output_dir, result)
-    return result
+    return utils.finish_run(args.output_dir, result, log=True)
 
 
 if __name__ == '__main__':

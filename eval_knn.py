@@ -8,10 +8,7 @@ The bank is the un-augmented train set; every test image votes with its top-k ne
 Presets: --preset mmcr (k=200, T=0.5), --preset nmce (k=11, unweighted).
 """
 import argparse
-import json
 import os
-
-import torch
 
 import data
 import utils
@@ -96,11 +93,7 @@ def main(args):
     for k, (t1, t5) in res.items():
         print(f"| kNN k={k:<4d} T={args.temperature} {args.metric}/{args.weighting}: top-1 {t1:.2f}  top-5 {t5:.2f}  "
               f"({len(te_f)} test samples, {len(tr_f)} in the bank)")
-    if utils.is_main_process():
-        utils.atomic_write_text(os.path.join(args.output_dir, 'results.json'), json.dumps(result, indent=2))
-        utils.log_stats(args.output_dir, result)
-    utils.cleanup_distributed()
-    return result
+    return utils.finish_run(args.output_dir, result, log=True)
 
 
 if __name__ == '__main__':

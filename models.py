@@ -103,13 +103,15 @@ class MLP(nn.Sequential):
 class SSLModel(nn.Module):
     """backbone -> projector (-> predictor). forward takes views (B, V, C, H, W) and returns a dict
     of (B, V, ·) tensors: 'feats' (backbone), 'z' (projector), and 'p' (predictor) when present.
-    All B*V views go through the network as one batch (BN statistics over all views)."""
+    All B*V views go through the network as one batch (BN statistics over all views), or, with
+    per_view=True, one forward pass per view (BN statistics per view, as solo-learn does)."""
 
-    def __init__(self, backbone, projector=None, predictor=None):
+    def __init__(self, backbone, projector=None, predictor=None, per_view=False):
         super().__init__()
         self.backbone = backbone
         self.projector = projector if projector is not None else nn.Identity()
         self.predictor = predictor
+        self.per_view = per_view
         self.prototypes = None  # SwAV sets an nn.Linear(d, K, bias=False) here
 
     def forward(self, views):
@@ -120,6 +122,8 @@ class SSLModel(nn.Module):
             outs = [self(v) for v in views]
             return {k: torch.cat([o[k] for o in outs], 1) for k in outs[0]}
         B, V = views.shape[:2]
+        if self.per_view and V > 1:
+            return self([views[:, v:v + 1] for v in range(V)])
         feats = self.backbone(views.flatten(0, 1))
         z = self.projector(feats)
         out = {'feats': feats.view(B, V, -1), 'z': z.view(B, V, -1)}
@@ -140,4 +144,5 @@ def build_model(args):
     if getattr(args, 'pred_dims', ''):
         out_dim = projector.out_dim if projector is not None else backbone.num_features
         predictor = MLP(out_dim, args.pred_dims, bn=True)
-    return SSLModel(backbone, projector, predictor)
+    return SSLModel(backbone, projector, predictor,
+                    per_view=getattr(args, 'forward_views', 'together') == 'separately')

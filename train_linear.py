@@ -17,7 +17,6 @@ top-1/top-5 is the reported number. The best test number over all (lr, epoch), t
 habit, is reported too, marked as such. Re-running the same command resumes.
 """
 import argparse
-import json
 import os
 import time
 
@@ -358,10 +357,7 @@ def main(args):
     print(f"| {args.protocol}: lr {chosen['lr']:g}, epoch {chosen['epoch']} chosen on {len(va_y)} validation "
           f"samples -> test top-1 {chosen['test_top1']:.2f}  top-5 {chosen['test_top5']:.2f} on {len(te_y)} test "
           f"samples | papers' habit (best test over lr/epoch): {papers['test_top1']:.2f}")
-    if utils.is_main_process():
-        utils.atomic_write_text(os.path.join(args.output_dir, 'results.json'), json.dumps(result, indent=2))
-    utils.cleanup_distributed()
-    return result
+    return utils.finish_run(args.output_dir, result)
 
 
 if __name__ == '__main__':

@@ -351,10 +351,7 @@ def main(args):
               'backbone_unchanged': True if frozen is not None else None, 'wall_time_s': timer()}
     print(f"| semi-supervised ({len(subset)} labelled images, backbone {args.backbone_weights}): test top-1 "
           f"{top1:.2f}  top-5 {top5:.2f} on {n_test} test samples after {args.epochs} epochs")
-    if utils.is_main_process():
-        utils.atomic_write_text(os.path.join(args.output_dir, 'results.json'), json.dumps(result, indent=2))
-    utils.cleanup_distributed()
-    return result
+    return utils.finish_run(args.output_dir, result)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ import argparse
 import copy
 import inspect
 import json
-import math
 import os
 import signal
 import sys
@@ -77,6 +76,10 @@ def get_args_parser():
     g.add_argument('--proj_out_act', default='none', choices=['none', 'tanh'],
                    help='Activation after the projector (CPLearn: tanh). (default: %(default)s)')
     g.add_argument('--pred_dims', default='', help="Predictor widths after the projector (BYOL: 4096-256); '' for none.")
+    g.add_argument('--forward_views', default='together', choices=['together', 'separately'],
+                   help='together: all B*V views in one forward pass, BatchNorm statistics over every view '
+                        '(the official CLAMP and MMCR code); separately: one pass per view, statistics per '
+                        "view (solo-learn's habit, so its baselines' recipes set it). (default: %(default)s)")
     g.add_argument('--ema', type=utils.str2bool, default=False,
                    help='Keep an EMA (momentum) copy of backbone+projector as the target branch (BYOL, '
                         'MoCo v3, MMCR +ME). (default: %(default)s)')

@@ -325,6 +325,17 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def finish_run(output_dir, result, log=False):
+    """End of an evaluation stage: `result` as results.json in the run folder (rank 0, atomic),
+    also appended to log.txt when `log`, then the process group torn down. Returns `result`."""
+    if is_main_process():
+        atomic_write_text(os.path.join(output_dir, 'results.json'), json.dumps(result, indent=2))
+    if log:
+        log_stats(output_dir, result)
+    cleanup_distributed()
+    return result
+
+
 def log_stats(output_dir, stats):
     """Append one JSON object per line to log.txt (rank 0). stdout is for people; this is for scripts."""
     if is_main_process():

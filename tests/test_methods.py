@@ -19,7 +19,7 @@ METHODS = {
     'simclr': ['--proj_bn', '1'],
     'simclr_geo': ['--loss', 'simclr', '--geometric', '1', '--temperature', '0.05'],
     'mocov3': ['--pred_dims', '32-16', '--ema', '1', '--proj_bn', '1'],
-    'byol': ['--pred_dims', '32-16', '--ema', '1', '--proj_bn', '1'],
+    'byol': ['--pred_dims', '32-16', '--ema', '1', '--proj_bn', '1', '--forward_views', 'separately'],
     'byol_geo': ['--loss', 'byol', '--pred_dims', '32-16', '--ema', '1', '--geometric', '1'],
     'simsiam': ['--pred_dims', '32-16', '--proj_bn', '1'],
     'swav': ['--swav_prototypes', '10', '--freeze_prototypes_epochs', '0.5'],

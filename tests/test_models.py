@@ -58,3 +58,25 @@ def test_ssl_model_views_layout():
     # view (b, v) of the output is the network applied to image b, view v
     single = model.projector(model.backbone(x[1, 2:3]))
     torch.testing.assert_close(out['z'][1, 2], single[0])
+
+
+def test_forward_views_separately_keeps_bn_statistics_per_view():
+    """--forward_views separately (solo-learn): in train mode each view is its own BN batch; the
+    default puts all B*V views in one batch. Eval mode: the two agree."""
+    args = argparse.Namespace(arch='resnet18', cifar_stem=True, width=8, in_chans=3, proj_dims='32-16',
+                              proj_bn=True, proj_bias=True, proj_last_bn=False, proj_out_act='none',
+                              pred_dims='', forward_views='separately')
+    sep = build_model(args).train()
+    together = build_model(argparse.Namespace(**{**vars(args), 'forward_views': 'together'})).train()
+    together.load_state_dict(sep.state_dict())
+    assert sep.per_view and not together.per_view
+    x = torch.randn(4, 3, 3, 16, 16)
+    x[:, 1] += 2.0  # views with other statistics: a shared BN batch mixes them
+    out = sep(x)
+    for v in range(3):  # view v alone through the network, as its own batch
+        alone = together(x[:, v:v + 1])
+        torch.testing.assert_close(out['z'][:, v], alone['z'][:, 0])
+    assert not torch.allclose(together(x)['z'], out['z'], atol=1e-3)
+    together.load_state_dict(sep.state_dict())  # same running statistics
+    sep.eval(), together.eval()
+    torch.testing.assert_close(sep(x)['z'], together(x)['z'])
