@@ -408,12 +408,18 @@ def mcr2(z, pi, eps=0.2, z_weight=0.0):
     zbar = F.normalize(x.mean(1), dim=-1)
     probs = pi.mean(1)
     tr_pi = probs.sum(0) + 1e-8
-    # Z^T diag(Pi_k) Z for every cluster; d x d (no sqrt(Pi) factor, whose gradient is
-    # infinite at Pi = 0)
-    weighted = torch.einsum("nk,nd,ne->kde", probs, zbar, zbar)
-    eye = torch.eye(d, dtype=z.dtype, device=z.device)
-    chol = torch.linalg.cholesky(eye + (d / (tr_pi * eps))[:, None, None] * weighted)
-    logdets = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    alpha = d / (tr_pi * eps)  # (K,)
+    if d <= n:  # Z^T diag(Pi_k) Z for every cluster, d x d, by Cholesky
+        weighted = torch.einsum("nk,nd,ne->kde", probs, zbar, zbar)
+        eye = torch.eye(d, dtype=z.dtype, device=z.device)
+        chol = torch.linalg.cholesky(eye + alpha[:, None, None] * weighted)
+        logdets = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    else:  # the n x n side: det(I_d + a Z^T P Z) = det(I_n + a (Z Z^T) P) (Sylvester); not
+        # symmetric, so LU (slogdet), but its eigenvalues are real and >= 1. The symmetric form
+        # P^1/2 Z Z^T P^1/2 would need sqrt(Pi), whose gradient is infinite at Pi = 0.
+        gram = zbar @ zbar.mT
+        eye = torch.eye(n, dtype=z.dtype, device=z.device)
+        logdets = torch.linalg.slogdet(eye + alpha[:, None, None] * gram * probs.mT[:, None, :]).logabsdet
     compress = (tr_pi * logdets / (2 * n)).sum()
     return -_coding_rate(zbar, eps) + compress - z_weight * _view_invariance(x)
 

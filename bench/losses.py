@@ -45,6 +45,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--losses", default=",".join(losses.LOSSES), help="comma-separated subset (default: all)")
     p.add_argument("--skip_linalg", action="store_true", help="skip the nuclear-norm / logdet comparison")
+    p.add_argument("--markdown", default=None, metavar="JSON",
+                   help="print the grid of a saved JSON as a markdown table (BENCHMARKS.md) and exit")
     return p
 
 
@@ -248,7 +250,24 @@ def print_table(rows, names):
         print(f"{b:5d} {v:3d} {d:5d} | " + " ".join(cells))
 
 
+def markdown_table(path):
+    """The fwd+bwd grid of a JSON written by this script, as the markdown table of BENCHMARKS.md."""
+    with open(path) as f:
+        rows = json.load(f)["grid"]
+    names = list(dict.fromkeys(r["loss"] for r in rows))
+    by_key = {(r["loss"], r["B"], r["V"], r["d"]): r for r in rows}
+    print("| B | V | d | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for b, v, d in sorted({(r["B"], r["V"], r["d"]) for r in rows}):
+        cells = [by_key.get((n, b, v, d)) for n in names]
+        print(f"| {b} | {v} | {d} | " + " | ".join(
+            "–" if c is None or c["ms"] is None else (f"{c['ms']:.0f}" if c["ms"] >= 100 else f"{c['ms']:.3g}")
+            for c in cells) + " |")
+
+
 def main(args):
+    if args.markdown:
+        return markdown_table(args.markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.losses.split(",") if n]

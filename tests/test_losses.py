@@ -650,3 +650,23 @@ def test_bad_shapes_raise_one_line_errors(call):
     with pytest.raises(ValueError) as err:
         call()
     assert "\n" not in str(err.value)
+
+
+def test_mcr2_wide_features_use_the_smaller_side_exactly():
+    """d > n: mcr2 takes the n x n determinant (Sylvester); same value as the d x d reference,
+    finite gradients even where a cluster's probability is exactly 0."""
+    z = rand(4, 2, 9, seed=11)
+    pi = torch.softmax(rand(4, 2, 3, seed=12), -1)
+    for kw in ({}, dict(eps=0.1, z_weight=3.0)):
+        close(losses.mcr2(z, pi, **kw), ref_mcr2(z, pi, **kw))
+    hard = pi.clone()
+    hard[:, :, 0] = 0.0  # one empty cluster
+    hard = hard / hard.sum(-1, keepdim=True)
+    zz = z.clone().requires_grad_(True)
+    pp = hard.clone().requires_grad_(True)
+    val = losses.mcr2(zz, pp)
+    close(val, ref_mcr2(z, hard))
+    val.backward()
+    assert torch.isfinite(zz.grad).all() and torch.isfinite(pp.grad).all()
+    assert torch.autograd.gradcheck(lambda a, b: losses.mcr2(a, b), (z.clone().requires_grad_(True),
+                                                                     pi.clone().requires_grad_(True)))
