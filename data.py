@@ -34,6 +34,7 @@ import multiprocessing as mp
 import os
 import struct
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -1283,17 +1284,38 @@ def _image_pipeline_tail(device):
     return [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type != 'cpu' else [])
 
 
+class _Closed(Exception):
+    """Raised in the loader thread when its iterator was closed: stop before the next batch."""
+
+
 class _EpochIterator(EpochIterator):
     """ffcv's EpochIterator, except that an exception in its worker thread (a numba compile or
-    decode error) is re-raised in the consumer instead of leaving it blocked forever."""
+    decode error) is re-raised in the consumer instead of leaving it blocked forever, and that
+    close() stops the thread before its next batch and waits for it. ffcv's close() only flags
+    the thread, which kept decoding ahead into a consumer that had left: at interpreter exit
+    (a preempted or stopped run, a benchmark) OpenCV's thread-local state was torn down under a
+    running resize and the process aborted ('terminate called ... terminated TLS container')."""
     _error = None
 
     def run(self):
         try:
             super().run()
+        except _Closed:
+            pass
         except BaseException as e:
             self._error = e
             self.output_queue.put(None)
+
+    def run_pipeline(self, *args, **kwargs):
+        if self.terminate_event.is_set():
+            raise _Closed
+        return super().run_pipeline(*args, **kwargs)
+
+    def close(self):
+        self.terminate_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=300)  # at most the batch in progress
+        super().close()
 
     def __next__(self):
         try:

@@ -47,7 +47,11 @@ SOURCES = {  # name -> (write_beton kwargs, native res, full recipe)
     'cifar_npz_jpg': (dict(dataset='cifar10_npz', root=str(SHARED / 'cifar10_jpeg75.npz'),
                            split='train', fmt='jpg'), 32, 'cifar'),
     'imagenette': (dict(dataset='imagefolder', split='train', fmt='jpg'), 224, 'imagenet'),
+    # the same images upsampled to 448 px storage (JPEG q 90): the decode cost of an ImageNet
+    # beton (ffcv-imagenet stores 256-512 px), views still cut at 224 px
+    'imagenette448': (dict(dataset='imagefolder', split='train', fmt='jpg'), 224, 'imagenet'),
 }
+UPSAMPLED_SIDE = 448
 
 
 def get_args_parser():
@@ -91,6 +95,26 @@ def imagenette_root(beton_dir):
     return str(src)
 
 
+def _upsample_one(job):
+    from PIL import Image
+    src, dst = job
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    Image.open(src).convert('RGB').resize((UPSAMPLED_SIDE, UPSAMPLED_SIDE), Image.BICUBIC).save(dst, quality=90)
+
+
+def imagenette448_root(beton_dir):
+    """Imagenette's train split resized to UPSAMPLED_SIDE px (written once, in parallel)."""
+    src, dst = Path(imagenette_root(beton_dir)), Path(beton_dir) / f'imagenette{UPSAMPLED_SIDE}'
+    if not (dst / 'train' / '.complete').exists():
+        jobs = [(str(f), str(dst / f.relative_to(src))) for f in sorted((src / 'train').rglob('*'))
+                if f.is_file()]
+        print(f'upsampling {len(jobs)} images to {UPSAMPLED_SIDE} px -> {dst}', flush=True)
+        with mp.Pool(os.cpu_count()) as pool:
+            pool.map(_upsample_one, jobs, chunksize=64)
+        (dst / 'train' / '.complete').touch()
+    return str(dst)
+
+
 def ensure_beton(name, beton_dir):
     """Path of the beton for `name`, written (in a subprocess: ffcv's writer forks) if absent."""
     kw, _, _ = SOURCES[name]
@@ -103,6 +127,8 @@ def ensure_beton(name, beton_dir):
     kw = dict(kw, out=str(path), num_workers=os.cpu_count() or 1)
     if name == 'imagenette':
         kw['root'] = imagenette_root(beton_dir)
+    elif name == 'imagenette448':
+        kw['root'] = imagenette448_root(beton_dir)
     print(f'writing {path}', flush=True)
     code = 'import sys, json; sys.path.insert(0, sys.argv[1]); import data; ' \
            'data.write_beton(**json.loads(sys.argv[2]))'
@@ -166,8 +192,9 @@ class TVViews(torch.utils.data.Dataset):
         if name.startswith('cifar_npz'):
             src = data.open_source('cifar10_npz', str(SHARED / 'cifar10_jpeg75.npz'), 'train')
             self.blob, self.offsets, self.labels = src.blob, src.offsets, src.labels
-        elif name == 'imagenette':
-            src = data.open_source('imagefolder', imagenette_root(beton_dir), 'train')
+        elif name in ('imagenette', 'imagenette448'):
+            root = imagenette_root(beton_dir) if name == 'imagenette' else imagenette448_root(beton_dir)
+            src = data.open_source('imagefolder', root, 'train')
             self.paths, self.labels = src.paths, src.labels
         else:
             raise SystemExit(f'bench: no torchvision baseline for {name}')

@@ -389,6 +389,21 @@ def test_resume_mid_epoch(betons, colour):
     assert ld2.epoch == 1 and ld2.state_dict() == {'epoch': 1, 'batch': 0}
 
 
+def test_leaving_an_epoch_stops_the_loader_thread(betons):
+    """Breaking out of an epoch (preemption, --stop_at_epoch, a benchmark) closes the ffcv thread
+    before the next batch and waits for it: no thread decodes on into interpreter exit."""
+    import threading
+    before = set(threading.enumerate())
+    ld = data.build_ssl_loader(betons['idx'], 4, 2, 12, recipe='imagenet', workers=1, seed=3)
+    it = iter(ld)
+    next(it)
+    started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert started, 'the loader runs a worker thread'
+    it.close()  # what dropping the iterator does
+    assert not any(t.is_alive() for t in started)
+    assert len([v for v, _ in ld]) == len(ld)  # the loader is still usable: next epoch in full
+
+
 @pytest.mark.parametrize('recipe', ['crop', 'imagenet'])
 def test_decode_once_matches_per_view_decoding(betons, recipe):
     _, (once,) = ssl_batches(betons['folder'], batch_size=4, num_views=3, recipe=recipe)
