@@ -32,6 +32,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import struct
 import sys
 import threading
@@ -1313,8 +1314,15 @@ class _EpochIterator(EpochIterator):
 
     def close(self):
         self.terminate_event.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=300)  # at most the batch in progress
+        if threading.current_thread() is not self:
+            deadline = time.monotonic() + 300  # at most the batch in progress
+            while self.is_alive() and time.monotonic() < deadline:
+                try:  # unblock the thread's put into a full queue: ffcv's end-of-epoch put of
+                    while True:  # None has no timeout, so it would wait for a consumer forever
+                        self.output_queue.get_nowait()
+                except queue.Empty:
+                    pass
+                self.join(timeout=0.05)
         super().close()
 
     def __next__(self):

@@ -393,15 +393,22 @@ def test_leaving_an_epoch_stops_the_loader_thread(betons):
     """Breaking out of an epoch (preemption, --stop_at_epoch, a benchmark) closes the ffcv thread
     before the next batch and waits for it: no thread decodes on into interpreter exit."""
     import threading
-    before = set(threading.enumerate())
-    ld = data.build_ssl_loader(betons['idx'], 4, 2, 12, recipe='imagenet', workers=1, seed=3)
-    it = iter(ld)
-    next(it)
-    started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert started, 'the loader runs a worker thread'
-    it.close()  # what dropping the iterator does
-    assert not any(t.is_alive() for t in started)
-    assert len([v for v, _ in ld]) == len(ld)  # the loader is still usable: next epoch in full
+    import time
+    for consumed in (1, None):  # mid-epoch; and when the thread has put every batch into ffcv's
+        # queue (3 deep), so that it waits in its put of the end-of-epoch marker (no timeout)
+        before = set(threading.enumerate())
+        ld = data.build_ssl_loader(betons['idx'], 2, 2, 12, recipe='imagenet', workers=1, seed=3)
+        assert len(ld) > 4
+        it = iter(ld)
+        for _ in range(consumed or len(ld) - 3):
+            next(it)
+        started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        assert started, 'the loader runs a worker thread'
+        time.sleep(0.0 if consumed else 1.5)
+        t0 = time.monotonic()
+        it.close()  # what dropping the iterator does
+        assert not any(t.is_alive() for t in started) and time.monotonic() - t0 < 30
+        assert len([v for v, _ in ld]) == len(ld)  # the loader is still usable: next epoch in full
 
 
 @pytest.mark.parametrize('recipe', ['crop', 'imagenet'])
