@@ -57,7 +57,8 @@ UPSAMPLED_SIDE = 448
 def get_args_parser():
     p = argparse.ArgumentParser('bench/loader.py: SSL loader throughput')
     p.add_argument('--datasets', nargs='+', default=['fmnist', 'cifar_npz'], choices=list(SOURCES),
-                   help='which betons to read (written on first use)')
+                   help='which betons to read (written on first use under --beton_dir; imagenette448 = Imagenette '
+                        'upsampled once to 448 px storage, an ImageNet-like decode cost, views still 224 px)')
     p.add_argument('--recipes', nargs='+', default=['crop', 'full'],
                    help="recipes to time; 'full' = the dataset's full recipe (cifar / imagenet)")
     p.add_argument('--loaders', nargs='+', default=['ffcv'], choices=['ffcv', 'torchvision'],
@@ -115,6 +116,9 @@ def imagenette448_root(beton_dir):
     return str(dst)
 
 
+IMAGE_FOLDERS = {'imagenette': imagenette_root, 'imagenette448': imagenette448_root}  # name -> root(beton_dir)
+
+
 def ensure_beton(name, beton_dir):
     """Path of the beton for `name`, written (in a subprocess: ffcv's writer forks) if absent."""
     kw, _, _ = SOURCES[name]
@@ -125,10 +129,8 @@ def ensure_beton(name, beton_dir):
     except SystemExit:
         pass
     kw = dict(kw, out=str(path), num_workers=os.cpu_count() or 1)
-    if name == 'imagenette':
-        kw['root'] = imagenette_root(beton_dir)
-    elif name == 'imagenette448':
-        kw['root'] = imagenette448_root(beton_dir)
+    if name in IMAGE_FOLDERS:
+        kw['root'] = IMAGE_FOLDERS[name](beton_dir)
     print(f'writing {path}', flush=True)
     code = 'import sys, json; sys.path.insert(0, sys.argv[1]); import data; ' \
            'data.write_beton(**json.loads(sys.argv[2]))'
@@ -192,9 +194,8 @@ class TVViews(torch.utils.data.Dataset):
         if name.startswith('cifar_npz'):
             src = data.open_source('cifar10_npz', str(SHARED / 'cifar10_jpeg75.npz'), 'train')
             self.blob, self.offsets, self.labels = src.blob, src.offsets, src.labels
-        elif name in ('imagenette', 'imagenette448'):
-            root = imagenette_root(beton_dir) if name == 'imagenette' else imagenette448_root(beton_dir)
-            src = data.open_source('imagefolder', root, 'train')
+        elif name in IMAGE_FOLDERS:
+            src = data.open_source('imagefolder', IMAGE_FOLDERS[name](beton_dir), 'train')
             self.paths, self.labels = src.paths, src.labels
         else:
             raise SystemExit(f'bench: no torchvision baseline for {name}')
