@@ -6,7 +6,8 @@ Times, in ms per view of --res px (random uint8 pixels; the ops do not branch on
 each colour op of the decoder path (numba, float32 on an interleaved scratch), _apply_colour with
 only a blur at three sigmas and with all four jitter ops, the horizontal flip (in place, and the
 allocating `o[:] = o[:, ::-1].copy()` it replaced), and libffcv's OpenCV resize of square crops of
-a --stored px image to --res px (the crop's resize inside DecodeViews). Not a test.
+a --stored px image to --res px next to the decoder's own INTER_AREA (data._area_resize, used for
+crops that shrink along both axes). Not a test.
 """
 import argparse
 import os
@@ -36,6 +37,12 @@ def _resize_n(img, out, side, ch, n):
     for _ in range(n):
         ctypes_resize(0, img.ctypes.data, side, side, 0, ch, 0, ch, out.ctypes.data,
                       out.shape[0], out.shape[1])
+
+
+@numba.njit
+def _area_n(img, out, ch, scr, n):
+    for _ in range(n):
+        data._area_resize(img, 0, ch, 0, ch, out, scr)
 
 
 @numba.njit
@@ -91,8 +98,12 @@ def main(args):
         img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
         for frac in (0.3, 0.7, 1.0):
             ch = max(1, min(side - 1, int(frac * side)))
-            rows.append((f'resize {ch} px crop of a {side} px image -> {res} px',
+            rows.append((f'resize {ch} px crop of a {side} px image -> {res} px, libffcv (OpenCV)',
                          lambda img=img, side=side, ch=ch: _resize_n(img, out, side, ch, 1)))
+            if ch >= res:
+                scr = np.empty(data.area_scratch_size(res, side, side), np.float32)
+                rows.append((f'resize {ch} px crop of a {side} px image -> {res} px, data._area_resize',
+                             lambda img=img, ch=ch, scr=scr: _area_n(img, out, ch, scr, 1)))
     print(f'ms per {res} px view, 1 thread, {reps} calls each')
     for name, fn in rows:
         print(f'| {name} | {timed(fn, reps):.3f} |')

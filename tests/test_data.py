@@ -674,6 +674,31 @@ def test_decoder_flip_rides_on_the_colour_pass():
             assert np.array_equal(a, b)
 
 
+def test_area_resize_matches_opencv_inter_area():
+    """The decoder's own resize of shrinking crops is OpenCV's INTER_AREA (what libffcv calls)
+    to within 1 grey level, rarely: equal size (a copy), exact 2x, fractional 1-2x (the unrolled
+    three-tap path), large shrinks (the general path), non-square crops, offsets."""
+    import cv2
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), (90, 70),
+                     interpolation=cv2.INTER_CUBIC)  # smooth, with edges (70 x 90)
+    cases = [(0, 20, 0, 20, 20, 20), (3, 40, 5, 40, 20, 20), (1, 31, 2, 27, 20, 20),
+             (0, 70, 0, 90, 12, 12), (10, 33, 7, 59, 16, 24), (5, 64, 0, 64, 64, 64),
+             (0, 70, 1, 89, 8, 20)]
+    diff = total = 0
+    for i, ch, j, cw, th, tw in cases:
+        out = np.zeros((th, tw, 3), np.uint8)
+        scr = np.empty(data.area_scratch_size(max(th, tw), 70, 90), np.float32)
+        data._area_resize(img, i, ch, j, cw, out, scr)
+        ref = cv2.resize(img[i:i + ch, j:j + cw], (tw, th), interpolation=cv2.INTER_AREA)
+        d = np.abs(out.astype(int) - ref)
+        assert d.max() <= 1, (i, ch, j, cw, th, tw)
+        diff, total = diff + (d > 0).sum(), total + d.size
+        if (ch, cw) == (th, tw):
+            assert np.array_equal(out, ref)
+    assert diff <= 0.002 * total
+
+
 def test_colour_ops_match_torchvision():
     import torchvision.transforms.v2.functional as TF
     x = torch.rand(3, 3, 17, 19, dtype=torch.float64)
