@@ -835,12 +835,13 @@ def _apply_colour(o, scratch, q, max_radius, flip=False):
     _unit_to_u8(x, src, sol)
 
 
-# ---- crop resize: OpenCV's INTER_AREA, 3x faster -----------------------------------------------
+# ---- crop resize: OpenCV's INTER_AREA, 3.5-5x faster --------------------------------------------
 # Every crop that shrinks along both axes (most RandomResizedCrops of ImageNet-size storage) went
-# through libffcv's cv::resize(INTER_AREA), whose fractional-scale path is scalar C++ (0.9-1.6 ms
-# per 224 px view from a 448 px image). The same area weights (OpenCV's computeResizeAreaTab),
-# applied rows first (contiguous, vectorised) then columns, give its output to within 1 grey level
-# on ~3e-5 of the values (float summation order); crops that grow along an axis stay with libffcv.
+# through libffcv's cv::resize(INTER_AREA), whose fractional-scale path is scalar C++ (0.7-1.3 ms
+# per 224 px view from a 448 px image; bench/decoder_ops.py). The same area weights (OpenCV's
+# computeResizeAreaTab), applied rows first (contiguous, vectorised) then columns, give its output
+# to within 1 grey level on ~0.1 % of the values (float summation order; bench/decoder_ops.py
+# measures both); crops that grow along an axis stay with libffcv.
 
 def area_scratch_size(res, max_h, max_w):
     """float32 scratch that _area_resize needs for res x res views of images <= max_h x max_w
@@ -904,7 +905,7 @@ def _area_resize(img, i0, ch, j0, cw, out, scr):
                 for q in range(n3):
                     row[q] += wt * np.float32(rt[q])
         orow = o[dy * tw * 3:(dy + 1) * tw * 3]
-        if kx == 3:  # every shrink by 1-2x: three taps, unrolled (2.5x faster than the loop)
+        if kx == 3:  # every shrink by 1-2x: three taps, unrolled (~2x faster than the loop)
             for dx in range(tw):
                 b, p = np.uint64(3 * fx[dx]), np.uint64(3 * dx)  # unsigned: no wrap-around check
                 wa, wb, wc = wx[3 * dx], wx[3 * dx + 1], wx[3 * dx + 2]
@@ -919,6 +920,17 @@ def _area_resize(img, i0, ch, j0, cw, out, scr):
                     for t in range(kx):
                         v += wx[dx * kx + t] * row[b + 3 * t + c]
                     orow[3 * dx + c] = np.uint8(min(max(v, zero), top))
+
+
+@numba.njit
+def _resize_crop(img, h, w, i, ch, j, cw, o, scr):
+    """Rows [i, i+ch) x cols [j, j+cw) of img (h, w, 3) -> o, INTER_AREA: _area_resize where the
+    crop shrinks along both axes, else libffcv's OpenCV call."""
+    if ch >= o.shape[0] and cw >= o.shape[1]:
+        _area_resize(img, i, ch, j, cw, o, scr)
+    else:
+        ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
+                      o.shape[0], o.shape[1])
 
 
 # ---- ffcv operation: decode once, cut V views ------------------------------------------------
@@ -937,7 +949,7 @@ class DecodeViews(Operation):
     The epoch enters through a tiny int64 buffer that `SSLLoader` fills when an epoch's memory
     is allocated (global arrays are compile-time constants in numba, so it cannot be a global).
     Crops are resized with INTER_AREA, as stock FFCV: by `_area_resize` where they shrink along
-    both axes (3-5x faster than libffcv's OpenCV call, within 1 grey level of it), else by libffcv.
+    both axes (3.5-5x faster than libffcv's OpenCV call, within 1 grey level of it), else by libffcv.
     Memory: like ffcv's own RandomResizedCrop decoder, a per-sample (max H * max W * 3) scratch
     buffer for JPEG/gray storage, times (batches_ahead + 2) * batch_size; plus float32 scratch
     for the colour ops and the resize (colour_scratch_size + area_scratch_size floats per sample;
@@ -1023,14 +1035,7 @@ class DecodeViews(Operation):
                 else:
                     i, j, ch, cw = _center_box(h, w, center_ratio)
                 o = out[v]
-                # rows [i, i+ch) x cols [j, j+cw) resized into o, INTER_AREA: ours where the
-                # crop shrinks along both axes, else libffcv's OpenCV call, made directly (no
-                # numba dispatcher in between: sharing one across loaders trips a numba KeyError)
-                if ch >= res and cw >= res:
-                    _area_resize(img, i, ch, j, cw, o, cs[c0:])
-                else:
-                    ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
-                                  o.shape[0], o.shape[1])
+                _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:])
                 flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
                 if has_colour:  # the flip rides on the colour ops' first pass
                     _apply_colour(o, cs, _colour_params(key, s, view, colour[v % n_types]), radius,
@@ -1052,11 +1057,7 @@ class DecodeViews(Operation):
                 view = offset + V + k
                 i, j, ch, cw = _rrc_box(key, s, view, h, w, ssmin, ssmax, lrmin, lrmax)
                 o = small[k]
-                if ch >= r and cw >= r:
-                    _area_resize(img, i, ch, j, cw, o, cs[c0:])
-                else:
-                    ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
-                                  o.shape[0], o.shape[1])
+                _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:])
                 flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
                 if has_colour:  # view types restart at the first small view
                     _apply_colour(o, cs, _colour_params(key, s, view, colour[k % n_types]), radius,
