@@ -7,7 +7,7 @@ each colour op of the decoder path (numba, float32 on an interleaved scratch), _
 only a blur at three sigmas and with all four jitter ops, the horizontal flip (in place, and the
 allocating `o[:] = o[:, ::-1].copy()` it replaced), and libffcv's OpenCV resize of square crops of
 a --stored px image to --res px next to the decoder's own INTER_AREA (data._area_resize, used for
-crops that shrink along both axes). Not a test.
+crops that shrink along both axes), and how far apart the two resizes' outputs are. Not a test.
 """
 import argparse
 import os
@@ -37,6 +37,12 @@ def _resize_n(img, out, side, ch, n):
     for _ in range(n):
         ctypes_resize(0, img.ctypes.data, side, side, 0, ch, 0, ch, out.ctypes.data,
                       out.shape[0], out.shape[1])
+
+
+@numba.njit
+def _resize_box(img, out, i, ch, j, cw):
+    ctypes_resize(0, img.ctypes.data, img.shape[0], img.shape[1], i, i + ch, j, j + cw,
+                  out.ctypes.data, out.shape[0], out.shape[1])
 
 
 @numba.njit
@@ -107,6 +113,21 @@ def main(args):
     print(f'ms per {res} px view, 1 thread, {reps} calls each')
     for name, fn in rows:
         print(f'| {name} | {timed(fn, reps):.3f} |')
+    side = 2 * res  # agreement: random crops shrinking along both axes of a smooth image
+    small = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+    img = np.ascontiguousarray(np.kron(small, np.ones((8, 8, 1), np.uint8)))  # blocks: edges
+    img = np.ascontiguousarray((img.astype(np.uint16) + np.roll(img, 3, (0, 1))) // 2).astype(np.uint8)
+    scr = np.empty(data.area_scratch_size(res, side, side), np.float32)
+    ref, worst, differ = np.zeros_like(out), 0, 0
+    for _ in range(reps):
+        ch, cw = (int(v) for v in rng.integers(res, side + 1, 2))
+        i, j = int(rng.integers(0, side - ch + 1)), int(rng.integers(0, side - cw + 1))
+        _resize_box(img, ref, i, ch, j, cw)
+        data._area_resize(img, i, ch, j, cw, out, scr)
+        d = np.abs(ref.astype(int) - out)
+        worst, differ = max(worst, int(d.max())), differ + int((d > 0).sum())
+    print(f'_area_resize vs libffcv, {reps} random shrinking crops of a {side} px image: max '
+          f'|difference| {worst} grey level(s), on {differ / (reps * out.size):.1e} of the values')
 
 
 if __name__ == '__main__':
