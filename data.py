@@ -642,16 +642,21 @@ def _u8_to_unit(src, x):
 
 @numba.njit(cache=True)
 def _u8_to_unit_flipped(src, x, h, w):
-    """_u8_to_unit of the horizontally mirrored view: the flip costs nothing inside this pass."""
+    """_u8_to_unit of the horizontally mirrored view: the flip costs little inside this pass.
+    Each row is reversed value by value (a vectorised loop; the pixels come out in B, G, R order),
+    then R and B are swapped back: 1.4x faster than reading the pixels in mirrored order.
+    Unsigned indices: numba's negative-index check on every access blocks vectorisation."""
     inv = np.float32(1.0 / 255.0)
     w3 = 3 * w
     for i in range(h):
         a, b = src[i * w3:(i + 1) * w3], x[i * w3:(i + 1) * w3]
+        for k in range(w3):
+            b[k] = np.float32(a[np.uint64(w3 - 1 - k)]) * inv
         for j in range(w):
-            m = 3 * (w - 1 - j)
-            b[3 * j] = np.float32(a[m]) * inv
-            b[3 * j + 1] = np.float32(a[m + 1]) * inv
-            b[3 * j + 2] = np.float32(a[m + 2]) * inv
+            q = np.uint64(3 * j)
+            t = b[q]
+            b[q] = b[q + 2]
+            b[q + 2] = t
 
 
 @numba.njit(cache=True)
@@ -677,13 +682,25 @@ def _brightness(x, f):  # blend with black
 
 
 @numba.njit(cache=True)
-def _contrast(x, f):  # blend with the mean luma of the image
-    npix = x.shape[0] // 3
-    m = np.float64(0.0)  # float64 sum in JIT and plain-Python mode alike
-    for p in range(npix):
-        m += _WR * x[3 * p] + _WG * x[3 * p + 1] + _WB * x[3 * p + 2]
-    mf = np.float32(m / npix) * (np.float32(1.0) - f)
-    for k in range(x.shape[0]):
+def _contrast(x, f, w3, acc):  # blend with the mean luma of the image
+    """acc: w3 floats of scratch. The mean is summed down the columns first (float32, one
+    vectorised add per row: a single running sum is a chain of dependent adds, 2.4x slower), then
+    across them in float64."""
+    n = x.shape[0]
+    for k in range(w3):
+        acc[k] = x[k]
+    for i in range(1, n // w3):
+        row = x[i * w3:(i + 1) * w3]
+        for k in range(w3):
+            acc[k] += row[k]
+    s0, s1, s2 = np.float64(0.0), np.float64(0.0), np.float64(0.0)  # float64 in both modes
+    for p in range(w3 // 3):
+        s0 += acc[3 * p]
+        s1 += acc[3 * p + 1]
+        s2 += acc[3 * p + 2]
+    m = _WR * s0 + _WG * s1 + _WB * s2
+    mf = np.float32(m / (n // 3)) * (np.float32(1.0) - f)
+    for k in range(n):
         x[k] = _clamp01(f * x[k] + mf)
 
 
@@ -706,13 +723,13 @@ def _hue(x, f):  # rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
         r, g, b = x[3 * p], x[3 * p + 1], x[3 * p + 2]
         mx = max(r, max(g, b))
         delta = mx - min(r, min(g, b))
-        sat = delta / (mx if mx > 0 else one)
         d = delta if delta > 0 else one
-        hh = ((g - b) / d if mx == r else
-              (np.float32(2.0) + (b - r) / d if mx == g else np.float32(4.0) + (r - g) / d))
-        h6 = hh + shift  # in [-4, 8): remainder mod 6 by one conditional add/subtract
+        num, off = g - b, np.float32(0.0)  # one division, not one per branch
+        if mx != r:
+            num, off = (b - r, np.float32(2.0)) if mx == g else (r - g, np.float32(4.0))
+        h6 = off + num / d + shift  # in [-4, 8): remainder mod 6 by one conditional add/subtract
         h6 = h6 + six if h6 < 0 else (h6 - six if h6 >= six else h6)
-        vs = mx * sat
+        vs = delta  # value x saturation = mx (delta / mx): no division for it
         k0 = h6 + np.float32(5.0)
         k0 = k0 - six if k0 >= six else k0
         k1 = h6 + np.float32(3.0)
@@ -810,7 +827,7 @@ def _apply_colour(o, scratch, q, max_radius, flip=False):
             if op == 0:
                 _brightness(x, f)
             elif op == 1:
-                _contrast(x, f)
+                _contrast(x, f, 3 * w, scratch[n:n + 3 * w])
             elif op == 2:
                 _saturation(x, f)
             else:
@@ -877,10 +894,11 @@ def _area_taps(ssize, dsize, k, first, wts):
 
 
 @numba.njit(cache=True)
-def _area_resize(img, i0, ch, j0, cw, out, scr):
+def _area_resize(img, i0, ch, j0, cw, out, scr, flip=False):
     """Rows [i0, i0+ch) x cols [j0, j0+cw) of img (H, W, 3) uint8 -> out (th, tw, 3), area
     interpolation; needs ch >= th, cw >= tw and area_scratch_size floats of scr. Per output row:
-    the weighted sum of its source rows in float32 (vectorised), then the weighted columns."""
+    the weighted sum of its source rows in float32 (vectorised), then the weighted columns.
+    flip: write the columns mirrored (a horizontal flip at no cost)."""
     th, tw = out.shape[0], out.shape[1]
     ky, kx = (ch + th - 1) // th + 1, (cw + tw - 1) // tw + 1
     fy, fx = np.empty(th, np.int64), np.empty(tw, np.int64)
@@ -907,30 +925,33 @@ def _area_resize(img, i0, ch, j0, cw, out, scr):
         orow = o[dy * tw * 3:(dy + 1) * tw * 3]
         if kx == 3:  # every shrink by 1-2x: three taps, unrolled (~2x faster than the loop)
             for dx in range(tw):
-                b, p = np.uint64(3 * fx[dx]), np.uint64(3 * dx)  # unsigned: no wrap-around check
+                b = np.uint64(3 * fx[dx])  # unsigned: no wrap-around check
+                p = np.uint64(3 * (tw - 1 - dx) if flip else 3 * dx)
                 wa, wb, wc = wx[3 * dx], wx[3 * dx + 1], wx[3 * dx + 2]
                 for c in range(3):
                     v = wa * row[b + c] + wb * row[b + 3 + c] + wc * row[b + 6 + c] + half
                     orow[p + c] = np.uint8(min(max(v, zero), top))
         else:
             for dx in range(tw):
-                b = 3 * fx[dx]
+                b, p = 3 * fx[dx], 3 * (tw - 1 - dx) if flip else 3 * dx
                 for c in range(3):
                     v = half
                     for t in range(kx):
                         v += wx[dx * kx + t] * row[b + 3 * t + c]
-                    orow[3 * dx + c] = np.uint8(min(max(v, zero), top))
+                    orow[p + c] = np.uint8(min(max(v, zero), top))
 
 
 @numba.njit
-def _resize_crop(img, h, w, i, ch, j, cw, o, scr):
+def _resize_crop(img, h, w, i, ch, j, cw, o, scr, flip):
     """Rows [i, i+ch) x cols [j, j+cw) of img (h, w, 3) -> o, INTER_AREA: _area_resize where the
-    crop shrinks along both axes, else libffcv's OpenCV call."""
+    crop shrinks along both axes (mirrored there if flip), else libffcv's OpenCV call. Returns
+    whether a flip is still to be done."""
     if ch >= o.shape[0] and cw >= o.shape[1]:
-        _area_resize(img, i, ch, j, cw, o, scr)
-    else:
-        ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
-                      o.shape[0], o.shape[1])
+        _area_resize(img, i, ch, j, cw, o, scr, flip)
+        return False
+    ctypes_resize(0, img.ctypes.data, h, w, i, i + ch, j, j + cw, o.ctypes.data,
+                  o.shape[0], o.shape[1])
+    return flip
 
 
 # ---- ffcv operation: decode once, cut V views ------------------------------------------------
@@ -1035,9 +1056,9 @@ class DecodeViews(Operation):
                 else:
                     i, j, ch, cw = _center_box(h, w, center_ratio)
                 o = out[v]
-                _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:])
                 flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
-                if has_colour:  # the flip rides on the colour ops' first pass
+                flip = _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:], flip)  # flip still to do?
+                if has_colour:  # a flip the resize did not do rides on the colour ops
                     _apply_colour(o, cs, _colour_params(key, s, view, colour[v % n_types]), radius,
                                   flip)
                 elif flip:
@@ -1057,8 +1078,8 @@ class DecodeViews(Operation):
                 view = offset + V + k
                 i, j, ch, cw = _rrc_box(key, s, view, h, w, ssmin, ssmax, lrmin, lrmax)
                 o = small[k]
-                _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:])
                 flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
+                flip = _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:], flip)  # flip still to do?
                 if has_colour:  # view types restart at the first small view
                     _apply_colour(o, cs, _colour_params(key, s, view, colour[k % n_types]), radius,
                                   flip)

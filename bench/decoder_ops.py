@@ -81,7 +81,7 @@ def main(args):
     f = np.float32(1.1)
     rows = [('uint8 -> float', lambda: data._u8_to_unit(src, x)),
             ('brightness', lambda: data._brightness(x, f)),
-            ('contrast', lambda: data._contrast(x, f)),
+            ('contrast', lambda: data._contrast(x, f, 3 * res, scratch[n:n + 3 * res])),
             ('saturation', lambda: data._saturation(x, f)),
             ('hue', lambda: data._hue(x, np.float32(0.05))),
             ('grayscale', lambda: data._grayscale(x)),

@@ -677,7 +677,8 @@ def test_decoder_flip_rides_on_the_colour_pass():
 def test_area_resize_matches_opencv_inter_area():
     """The decoder's own resize of shrinking crops is OpenCV's INTER_AREA (what libffcv calls)
     to within 1 grey level, rarely: equal size (a copy), exact 2x, fractional 1-2x (the unrolled
-    three-tap path), large shrinks (the general path), non-square crops, offsets."""
+    three-tap path), large shrinks (the general path), non-square crops, offsets; flip=True writes
+    the mirror image of the same output (both paths)."""
     import cv2
     rng = np.random.default_rng(0)
     img = cv2.resize(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), (90, 70),
@@ -696,6 +697,9 @@ def test_area_resize_matches_opencv_inter_area():
         diff, total = diff + (d > 0).sum(), total + d.size
         if (ch, cw) == (th, tw):
             assert np.array_equal(out, ref)
+        mirrored = np.zeros_like(out)
+        data._area_resize(img, i, ch, j, cw, mirrored, scr, True)
+        assert np.array_equal(mirrored, out[:, ::-1])
     assert diff <= 0.002 * total
 
 
