@@ -590,7 +590,7 @@ def colour_table(specs):
                     dtype=np.float64)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _colour_params(key, sample, view, p):
     """One view's random colour parameters from the counter hash: [jitter?, brightness,
     contrast, saturation, hue factors, order of the 4 ops (4 entries), gray?, blur?, sigma,
@@ -616,7 +616,7 @@ def _colour_params(key, sample, view, p):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _clamp01(v):
     return np.float32(0.0) if v < 0 else (np.float32(1.0) if v > 1 else v)
 
@@ -630,17 +630,21 @@ def colour_scratch_size(res, max_radius):
 # function better than the same loops inside one large one. The blur's row pass indexes slices of
 # `pad` from 0: indexing pad[lo + k] (numba's negative-index wrap-around check on every access)
 # ran it 10x slower. Per-pixel ops keep x[3 * p + c]: a 3-element slice per pixel costs more.
+# Every helper says fastmath=False: one compiled first from inside an ffcv pipeline (ffcv compiles
+# those with fastmath=True) inherits the caller's flags, and numba caches that build for every later
+# process, so a view's last bits depended on which process compiled first (bench/decoder_ops.py
+# --against, tests/test_data.py::test_numba_compiled_pipeline_matches_python). Not slower here.
 _WR, _WG, _WB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _u8_to_unit(src, x):
     inv = np.float32(1.0 / 255.0)
     for k in range(x.shape[0]):
         x[k] = np.float32(src[k]) * inv
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _u8_to_unit_flipped(src, x, h, w):
     """_u8_to_unit of the horizontally mirrored view: the flip costs little inside this pass.
     Each row is reversed value by value (a vectorised loop; the pixels come out in B, G, R order),
@@ -659,7 +663,7 @@ def _u8_to_unit_flipped(src, x, h, w):
             b[q + 2] = t
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _flip_u8(o):
     """Mirror a (h, w, 3) uint8 view in place by swapping pixels: no temporary array (the
     `o[:] = o[:, ::-1].copy()` it replaces allocated one per view and cost 6x as much)."""
@@ -675,13 +679,13 @@ def _flip_u8(o):
                 row[b + c] = t
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _brightness(x, f):  # blend with black
     for k in range(x.shape[0]):
         x[k] = _clamp01(f * x[k])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _contrast(x, f, w3, acc):  # blend with the mean luma of the image
     """acc: w3 floats of scratch. The mean is summed down the columns first (float32, one
     vectorised add per row: a single running sum is a chain of dependent adds, 2.4x slower), then
@@ -704,7 +708,7 @@ def _contrast(x, f, w3, acc):  # blend with the mean luma of the image
         x[k] = _clamp01(f * x[k] + mf)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _saturation(x, f):  # blend with the pixel's luma
     npix = x.shape[0] // 3
     g1 = np.float32(1.0) - f
@@ -715,7 +719,7 @@ def _saturation(x, f):  # blend with the pixel's luma
         x[3 * p + 2] = _clamp01(f * x[3 * p + 2] + g)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _hue(x, f):  # rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
     one, six = np.float32(1.0), np.float32(6.0)
     shift = six * np.float32(f)
@@ -741,7 +745,7 @@ def _hue(x, f):  # rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
         x[3 * p + 2] = mx - vs * _clamp01(min(k2, np.float32(4.0) - k2))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _grayscale(x):
     for p in range(x.shape[0] // 3):
         g = _WR * x[3 * p] + _WG * x[3 * p + 1] + _WB * x[3 * p + 2]
@@ -750,7 +754,7 @@ def _grayscale(x):
         x[3 * p + 2] = g
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _blur_rows(x, t, pad, ker, h, w3, rad):
     """Horizontal pass of the separable blur, x -> t, rows copied into `pad` with reflected borders."""
     nk = 2 * rad + 1
@@ -773,7 +777,7 @@ def _blur_rows(x, t, pad, ker, h, w3, rad):
                 out[k] += ka * (p0[k] + p1[k])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _blur_cols(t, x, ker, h, w3, rad):
     """Vertical pass, t -> x, rows reflected at the top and bottom."""
     kc = ker[rad]
@@ -790,7 +794,7 @@ def _blur_cols(t, x, ker, h, w3, rad):
                 out[k] += ka * (r0[k] + r1[k])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _unit_to_u8(x, dst, solarize):
     half, top, one = np.float32(0.5), np.float32(255.0), np.float32(1.0)
     for k in range(x.shape[0]):
@@ -801,7 +805,7 @@ def _unit_to_u8(x, dst, solarize):
         dst[k] = np.uint8(np.float32(0.0) if v < 0 else (top if v > top else v))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _apply_colour(o, scratch, q, max_radius, flip=False):
     """Apply parameters q (from _colour_params) to one view o (h, w, 3) uint8, in place, working
     in float32 on `scratch` (colour_scratch_size floats); the ops of ViewAugment.apply in its
@@ -867,7 +871,7 @@ def area_scratch_size(res, max_h, max_w):
     return res * ((max_h + res - 1) // res + 1) + res * ((max_w + res - 1) // res + 1) + 3 * max_w
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _area_taps(ssize, dsize, k, first, wts):
     """Area weights of a ssize -> dsize (<= ssize) resize: output d = sum_t wts[d k + t] *
     input[first[d] + t], t < k; OpenCV's computeResizeAreaTab (same 1e-3 cut-offs, float weights),
@@ -893,7 +897,7 @@ def _area_taps(ssize, dsize, k, first, wts):
             wts[d * k + s2 - base] = np.float32(min(min(fs2 - s2, 1.0), cell) / cell)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=False)
 def _area_resize(img, i0, ch, j0, cw, out, scr, flip=False):
     """Rows [i0, i0+ch) x cols [j0, j0+cw) of img (H, W, 3) uint8 -> out (th, tw, 3), area
     interpolation; needs ch >= th, cw >= tw and area_scratch_size floats of scr. Per output row:

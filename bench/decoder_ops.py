@@ -3,11 +3,21 @@
     .venv/bin/python bench/decoder_ops.py              # the per-view numbers quoted in BENCHMARKS.md
 
 Times, in ms per view of --res px (random uint8 pixels; the ops do not branch on content):
-each colour op of the decoder path (numba, float32 on an interleaved scratch), _apply_colour with
+each colour op of the decoder path (numba, float32 on an interleaved scratch; the uint8 -> float
+pass also mirrored, which is how flipped views with colour ops are flipped), _apply_colour with
 only a blur at three sigmas and with all four jitter ops, the horizontal flip (in place, and the
 allocating `o[:] = o[:, ::-1].copy()` it replaced), and libffcv's OpenCV resize of square crops of
 a --stored px image to --res px next to the decoder's own INTER_AREA (data._area_resize, used for
 crops that shrink along both axes), and how far apart the two resizes' outputs are. Not a test.
+
+    git show e3c9eca:data.py > /tmp/data_before.py
+    .venv/bin/python bench/decoder_ops.py --against /tmp/data_before.py   # A/B of two data.py
+
+--against: time the whole per-view colour stage (`_apply_colour`) of this data.py and of another
+one side by side, alternating between the two every round (single timings on a shared machine
+move by 50 %; the minimum over interleaved rounds of the same work does not), and how far apart
+their pixels are. Rows: jitter only, blur only at three sigmas (unflipped and flipped), and
+the imagenet recipe's own draws (both view types, flip p 0.5).
 """
 import argparse
 import os
@@ -29,7 +39,77 @@ def get_args_parser():
     p.add_argument('--stored', type=int, nargs='+', default=[224, 448],
                    help='stored image sides whose crops are resized to --res (default 224 448)')
     p.add_argument('--reps', type=int, default=300, help='timed calls per row, after one warm-up (default 300)')
+    p.add_argument('--against', default=None, metavar='DATA_PY',
+                   help='another version of data.py: A/B of the colour stage instead of the table above')
+    p.add_argument('--rounds', type=int, default=15, help='--against: interleaved rounds per row (default 15)')
     return p
+
+
+def _load_copy(path):
+    """Import a copy of another data.py as module `data_against` (numba caches it by that name)."""
+    import importlib
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix='decoder_ops_')
+    shutil.copy(path, os.path.join(d, 'data_against.py'))
+    sys.path.insert(0, d)
+    return importlib.import_module('data_against')
+
+
+def _colour_runner(mod):
+    """njit loop: copy view k % n into a work buffer and run mod._apply_colour with params q[k]."""
+    apply = mod._apply_colour
+
+    @numba.njit
+    def run(views, scratch, q, flips, radius, out):
+        for k in range(q.shape[0]):
+            o = out[k % out.shape[0]]
+            o[:] = views[k % views.shape[0]]
+            apply(o, scratch, q[k], radius, flips[k])
+    return run
+
+
+def against(args):
+    """Interleaved A/B of the per-view colour stage of two data.py versions (see the docstring)."""
+    other = _load_copy(args.against)
+    rng = np.random.default_rng(0)
+    res = args.res
+    small = rng.integers(0, 256, (16, res // 4, res // 4, 3), dtype=np.uint8)
+    views = np.ascontiguousarray(np.repeat(np.repeat(small, 4, 1), 4, 2))  # smooth-ish pixels
+    table = data.colour_table(data.recipe_specs('imagenet'))
+    radius = int(table[:, 10].max())
+    scratch = np.zeros(data.colour_scratch_size(res, radius), np.float32)
+    key, n = data._epoch_key(3, 0), 64
+    recipe = np.stack([data._colour_params(key, s, s % 2, table[s % 2]) for s in range(n)])
+    cases = []
+    jit = np.zeros(14)
+    jit[0], jit[1:4], jit[4], jit[5:9] = 1, (1.2, 0.8, 1.3), 0.05, (2, 0, 3, 1)
+    for flip in (False, True):
+        cases.append((f'jitter only{", flipped" if flip else ""}', np.tile(jit, (n, 1)), np.full(n, flip)))
+    for sigma in (0.1, 1.0, 2.0):
+        q = np.zeros(14)
+        q[10], q[11] = 1, sigma
+        cases.append((f'blur only, sigma {sigma}', np.tile(q, (n, 1)), np.zeros(n, bool)))
+    cases.append((f'imagenet recipe draws ({n} views, flip p 0.5)', recipe, rng.random(n) < 0.5))
+    runs = {'this data.py': _colour_runner(data), args.against: _colour_runner(other)}
+    outs = {k: np.zeros((n, res, res, 3), np.uint8) for k in runs}
+    print(f'ms per {res} px view, _apply_colour, 1 thread: min over {args.rounds} interleaved rounds of {n} views')
+    print(f'| views | {" | ".join(runs)} | ratio | max pixel difference |')
+    print('|---|---|---|---|---|')
+    for name, q, flips in cases:
+        best = {k: float('inf') for k in runs}
+        for k, run in runs.items():
+            run(views, scratch, q, flips, radius, outs[k])  # compile + warm
+        for _ in range(args.rounds):
+            for k, run in runs.items():
+                t0 = time.perf_counter()
+                run(views, scratch, q, flips, radius, outs[k])
+                best[k] = min(best[k], 1000 * (time.perf_counter() - t0) / n)
+        a, b = best.values()
+        u, v = (o.astype(np.int16) for o in outs.values())
+        d = np.abs(u - v)
+        diff = f'{d.max()} (on {(d > 0).mean():.1e} of the values)' if d.max() else '0'
+        print(f'| {name} | {a:.3f} | {b:.3f} | {a / b:.2f} | {diff} |', flush=True)
 
 
 @numba.njit
@@ -80,6 +160,7 @@ def main(args):
     x, src, dst = scratch[:n], view.reshape(n).copy(), view.reshape(n).copy()
     f = np.float32(1.1)
     rows = [('uint8 -> float', lambda: data._u8_to_unit(src, x)),
+            ('uint8 -> float, mirrored (the flip)', lambda: data._u8_to_unit_flipped(src, x, res, res)),
             ('brightness', lambda: data._brightness(x, f)),
             ('contrast', lambda: data._contrast(x, f, 3 * res, scratch[n:n + 3 * res])),
             ('saturation', lambda: data._saturation(x, f)),
@@ -131,4 +212,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    a = get_args_parser().parse_args()
+    against(a) if a.against else main(a)

@@ -478,7 +478,38 @@ def test_noise_recipe(betons):
     assert not torch.equal(v[:, 1], v[:, 2])
 
 
-JIT_RUN = r'''
+FLOAT_OPS = r'''
+import numpy as np
+def float_ops(data):
+    """Float32 results of the decoder's colour and resize helpers on fixed random inputs: every
+    rounding shows (a uint8 view would hide most)."""
+    rng = np.random.default_rng(0)
+    h, w = 40, 48
+    x = rng.random(h * w * 3, dtype=np.float32)
+    out = {}
+    for name, fn in (('contrast', lambda v: data._contrast(v, np.float32(0.7), 3 * w, np.empty(3 * w, np.float32))),
+                     ('saturation', lambda v: data._saturation(v, np.float32(1.3))),
+                     ('hue', lambda v: data._hue(v, np.float32(0.21))),
+                     ('grayscale', data._grayscale)):
+        v = x.copy()
+        fn(v)
+        out[name] = v
+    ker = np.array([0.05, 0.1, 0.2, 0.3, 0.2, 0.1, 0.05], np.float32)
+    t = np.empty_like(x)
+    data._blur_rows(x, t, np.empty(3 * (w + 6), np.float32), ker, h, 3 * w, 3)
+    out['blur_rows'] = t.copy()
+    v = np.empty_like(x)
+    data._blur_cols(t, v, ker, h, 3 * w, 3)
+    out['blur_cols'] = v
+    img = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    o = np.empty((31, 29, 3), np.uint8)
+    data._area_resize(img, 3, 80, 5, 61, o, np.empty(data.area_scratch_size(31, 90, 70), np.float32))
+    out['area_resize'] = o
+    return out
+'''
+exec(FLOAT_OPS)
+
+JIT_RUN = FLOAT_OPS + r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import numba
@@ -493,6 +524,7 @@ for name, path in json.loads(sys.argv[2]).items():
     out[name + '_mc'] = [(v, y) for v, y in ld]
     for ch in (1, 3):  # eval loader: the fused uint8 -> normalised input kernel, both channel modes
         out[name + f'_eval{ch}'] = [x for x, _, _ in data.build_eval_loader(path, 16, 12, channels=ch)]
+out['float_ops'] = {k: torch.from_numpy(v) for k, v in float_ops(data).items()}  # as the pipelines compiled them
 torch.save(out, sys.argv[3])
 '''
 
@@ -500,10 +532,13 @@ torch.save(out, sys.argv[3])
 def test_numba_compiled_pipeline_matches_python(betons, tmp_path):
     """The production path: numba-compiled ops (prange over 2 threads) give bit-identical batches
     to the plain-Python ops (JPEG RGB decoder; the 1-channel one differs only in how it reads
-    the pixels). Runs in a subprocess with the JIT on (tests/conftest.py turns it off here);
-    ~15-40 s of compilation."""
+    the pixels). Runs in a subprocess with the JIT on (tests/conftest.py turns it off here) and
+    an empty numba cache, so the helpers are compiled inside ffcv's fastmath pipeline, which they
+    would inherit without their explicit fastmath=False (their float32 results then differ from
+    Python's in the last bits, and a cached copy made elsewhere would differ again); ~15-40 s."""
     paths = {'idx_jpg': betons['idx_jpg'], 'idx': betons['idx']}  # RGB (JPEG) and gray decoders
     env = {k: v for k, v in os.environ.items() if k != 'NUMBA_DISABLE_JIT'}
+    env['NUMBA_CACHE_DIR'] = str(tmp_path / 'numba_cache')
     r = subprocess.run([sys.executable, '-c', JIT_RUN, str(ROOT), json.dumps(paths),
                         str(tmp_path / 'jit.pt')], env=env, capture_output=True, text=True,
                        timeout=600)
@@ -521,6 +556,9 @@ def test_numba_compiled_pipeline_matches_python(betons, tmp_path):
             ref = [x for x, _, _ in data.build_eval_loader(path, 16, 12, channels=ch)]
             assert len(ref) == len(jit[k + f'_eval{ch}'])
             assert all(torch.equal(a, b) for a, b in zip(ref, jit[k + f'_eval{ch}']))
+    ref = float_ops(data)
+    for name, v in jit['float_ops'].items():
+        assert np.array_equal(v.numpy(), ref[name]), name
 
 
 def test_distributed_shards(betons):
