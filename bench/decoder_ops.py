@@ -16,7 +16,7 @@ crops that shrink along both axes), and how far apart the two resizes' outputs a
 --against: time the whole per-view colour stage (`_apply_colour`) of this data.py and of another
 one side by side, alternating between the two every round (single timings on a shared machine
 move by 50 %; the minimum over interleaved rounds of the same work does not), and how far apart
-their pixels are. Rows: jitter only, blur only at three sigmas (unflipped and flipped), and
+their pixels are. Rows: jitter only (unflipped and flipped), blur only at three sigmas, and
 the imagenet recipe's own draws (both view types, flip p 0.5).
 """
 import argparse
