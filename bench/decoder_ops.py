@@ -40,13 +40,18 @@ def get_args_parser():
                    help='stored image sides whose crops are resized to --res (default 224 448)')
     p.add_argument('--reps', type=int, default=300, help='timed calls per row, after one warm-up (default 300)')
     p.add_argument('--against', default=None, metavar='DATA_PY',
-                   help='another version of data.py: A/B of the colour stage instead of the table above')
-    p.add_argument('--rounds', type=int, default=15, help='--against: interleaved rounds per row (default 15)')
+                   help='another version of data.py (e.g. from `git show <commit>:data.py`): time the '
+                        'per-view colour stage of both, in alternating rounds, and print how far apart '
+                        'their pixels are, instead of the per-op table')
+    p.add_argument('--rounds', type=int, default=15, help='--against: alternating rounds per row; the minimum over them is reported (default 15)')
     return p
 
 
 def _load_copy(path):
     """Import a copy of another data.py as module `data_against` (numba caches it by that name)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'bench/decoder_ops.py: --against {path}: no such file (e.g. git show '
+                         f'<commit>:data.py > {path})')
     import importlib
     import shutil
     import tempfile
