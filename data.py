@@ -627,9 +627,13 @@ def colour_scratch_size(res, max_radius):
 
 
 # Each colour op is its own small njit function: LLVM vectorises the flat loops of a small
-# function better than the same loops inside one large one. The blur's row pass indexes slices of
-# `pad` from 0: indexing pad[lo + k] (numba's negative-index wrap-around check on every access)
-# ran it 10x slower. Per-pixel ops keep x[3 * p + c]: a 3-element slice per pixel costs more.
+# function better than the same loops inside one large one. The float32 work buffer is planar
+# (R plane, G plane, B plane, each h * w): the per-pixel ops (saturation, hue, grayscale) then
+# read and write three contiguous arrays and vectorise; on the interleaved layout they ran 2-3x
+# slower (bench/decoder_ops.py --against). A grayscale view keeps only plane 0 (blur, solarize
+# and the uint8 pass read it for all three channels). The blur's row pass indexes slices of `pad`
+# from 0: indexing pad[lo + k] (numba's negative-index wrap-around check on every access) ran it
+# 10x slower; unsigned indices (np.uint64) do the same for strided loops.
 # Every helper says fastmath=False: one compiled first from inside an ffcv pipeline (ffcv compiles
 # those with fastmath=True) inherits the caller's flags, and numba caches that build for every later
 # process, so a view's last bits depended on which process compiled first (bench/decoder_ops.py
@@ -638,94 +642,112 @@ _WR, _WG, _WB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
 
 
 @numba.njit(cache=True, fastmath=False)
-def _u8_to_unit(src, x):
+def _u8_to_planar(src, x, npix):
+    """Interleaved uint8 (npix * 3) -> planar float32 in [0, 1]: x[c * npix + p] = src[3 p + c] / 255."""
     inv = np.float32(1.0 / 255.0)
-    for k in range(x.shape[0]):
-        x[k] = np.float32(src[k]) * inv
+    r, g, b = x[:npix], x[npix:2 * npix], x[2 * npix:3 * npix]
+    for p in range(npix):
+        q = np.uint64(3 * p)
+        r[p] = np.float32(src[q]) * inv
+        g[p] = np.float32(src[q + 1]) * inv
+        b[p] = np.float32(src[q + 2]) * inv
 
 
 @numba.njit(cache=True, fastmath=False)
-def _u8_to_unit_flipped(src, x, h, w):
-    """_u8_to_unit of the horizontally mirrored view: the flip costs little inside this pass.
-    Each row is reversed value by value (a vectorised loop; the pixels come out in B, G, R order),
-    then R and B are swapped back: faster than reading the pixels in mirrored order (the flip's
-    share of a jittered view, bench/decoder_ops.py --against: 0.050 -> 0.038 ms).
-    Unsigned indices: numba's negative-index check on every access blocks vectorisation."""
+def _u8_to_planar_flipped(src, x, h, w):
+    """_u8_to_planar of the horizontally mirrored view: each uint8 row is first reversed value by
+    value into a small buffer (a vectorised byte reversal; the pixels come out in B, G, R order),
+    then split into the planes with R and B exchanged. Writing or reading the planes in mirrored
+    order instead is not vectorised (2-4x slower)."""
     inv = np.float32(1.0 / 255.0)
-    w3 = 3 * w
+    npix, w3 = h * w, 3 * w
+    r, g, b = x[:npix], x[npix:2 * npix], x[2 * npix:3 * npix]
+    tmp = np.empty(w3, np.uint8)
     for i in range(h):
-        a, b = src[i * w3:(i + 1) * w3], x[i * w3:(i + 1) * w3]
+        s = src[i * w3:(i + 1) * w3]
         for k in range(w3):
-            b[k] = np.float32(a[np.uint64(w3 - 1 - k)]) * inv
+            tmp[k] = s[np.uint64(w3 - 1 - k)]
+        rr, gg, bb = r[i * w:(i + 1) * w], g[i * w:(i + 1) * w], b[i * w:(i + 1) * w]
         for j in range(w):
             q = np.uint64(3 * j)
-            t = b[q]
-            b[q] = b[q + 2]
-            b[q + 2] = t
+            bb[j] = np.float32(tmp[q]) * inv
+            gg[j] = np.float32(tmp[q + 1]) * inv
+            rr[j] = np.float32(tmp[q + 2]) * inv
 
 
 @numba.njit(cache=True, fastmath=False)
 def _flip_u8(o):
-    """Mirror a (h, w, 3) uint8 view in place by swapping pixels: no temporary array (the
-    `o[:] = o[:, ::-1].copy()` it replaces allocated one per view and cost 6x as much)."""
+    """Mirror a (h, w, 3) uint8 view in place: each row reversed value by value into a small
+    buffer (vectorised; pixels then in B, G, R order), then copied back with R and B exchanged.
+    (The `o[:] = o[:, ::-1].copy()` this replaced allocated a view-sized array and cost 6x as much;
+    swapping pixels pairwise is not vectorised.)"""
     h, w = o.shape[0], o.shape[1]
-    f = o.reshape(h, 3 * w)
+    w3 = 3 * w
+    f = o.reshape(h * w3)
+    tmp = np.empty(w3, np.uint8)
     for i in range(h):
-        row = f[i]
-        for j in range(w // 2):
-            a, b = 3 * j, 3 * (w - 1 - j)
-            for c in range(3):
-                t = row[a + c]
-                row[a + c] = row[b + c]
-                row[b + c] = t
+        row = f[i * w3:(i + 1) * w3]
+        for k in range(w3):
+            tmp[k] = row[np.uint64(w3 - 1 - k)]
+        for j in range(w):
+            q = np.uint64(3 * j)
+            row[q] = tmp[q + 2]
+            row[q + 1] = tmp[q + 1]
+            row[q + 2] = tmp[q]
 
 
 @numba.njit(cache=True, fastmath=False)
-def _brightness(x, f):  # blend with black
+def _brightness(x, f):  # blend with black (any layout)
     for k in range(x.shape[0]):
         x[k] = _clamp01(f * x[k])
 
 
 @numba.njit(cache=True, fastmath=False)
-def _contrast(x, f, w3, acc):  # blend with the mean luma of the image
-    """acc: w3 floats of scratch. The mean is summed down the columns first (float32, one
-    vectorised add per row: a single running sum is a chain of dependent adds, not vectorised), then
-    across them in float64."""
+def _contrast(x, f, w, acc):  # blend with the mean luma of the image
+    """x planar (3 planes of rows of w); acc: w floats of scratch. Each plane's sum is taken down
+    the columns first (float32, one vectorised add per row: a single running sum is a chain of
+    dependent adds, not vectorised), then across them in float64."""
     n = x.shape[0]
-    for k in range(w3):
-        acc[k] = x[k]
-    for i in range(1, n // w3):
-        row = x[i * w3:(i + 1) * w3]
-        for k in range(w3):
-            acc[k] += row[k]
-    s0, s1, s2 = np.float64(0.0), np.float64(0.0), np.float64(0.0)  # float64 in both modes
-    for p in range(w3 // 3):
-        s0 += acc[3 * p]
-        s1 += acc[3 * p + 1]
-        s2 += acc[3 * p + 2]
-    m = _WR * s0 + _WG * s1 + _WB * s2
-    mf = np.float32(m / (n // 3)) * (np.float32(1.0) - f)
+    npix = n // 3
+    s = np.zeros(3)  # float64 in both modes
+    for c in range(3):
+        pl = x[c * npix:(c + 1) * npix]
+        for k in range(w):
+            acc[k] = pl[k]
+        for i in range(1, npix // w):
+            row = pl[i * w:(i + 1) * w]
+            for k in range(w):
+                acc[k] += row[k]
+        t = np.float64(0.0)
+        for k in range(w):
+            t += acc[k]
+        s[c] = t
+    m = _WR * s[0] + _WG * s[1] + _WB * s[2]
+    mf = np.float32(m / npix) * (np.float32(1.0) - f)
     for k in range(n):
         x[k] = _clamp01(f * x[k] + mf)
 
 
 @numba.njit(cache=True, fastmath=False)
-def _saturation(x, f):  # blend with the pixel's luma
+def _saturation(x, f):  # blend with the pixel's luma (planar x)
     npix = x.shape[0] // 3
+    r, g, b = x[:npix], x[npix:2 * npix], x[2 * npix:3 * npix]
     g1 = np.float32(1.0) - f
     for p in range(npix):
-        g = (_WR * x[3 * p] + _WG * x[3 * p + 1] + _WB * x[3 * p + 2]) * g1
-        x[3 * p] = _clamp01(f * x[3 * p] + g)
-        x[3 * p + 1] = _clamp01(f * x[3 * p + 1] + g)
-        x[3 * p + 2] = _clamp01(f * x[3 * p + 2] + g)
+        gl = (_WR * r[p] + _WG * g[p] + _WB * b[p]) * g1
+        r[p] = _clamp01(f * r[p] + gl)
+        g[p] = _clamp01(f * g[p] + gl)
+        b[p] = _clamp01(f * b[p] + gl)
 
 
 @numba.njit(cache=True, fastmath=False)
-def _hue(x, f):  # rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
+def _hue(x, f):  # rotate in HSV by f turns (torchvision's formula; |f| <= 0.5; planar x)
+    npix = x.shape[0] // 3
+    R, G, B = x[:npix], x[npix:2 * npix], x[2 * npix:3 * npix]
     one, six = np.float32(1.0), np.float32(6.0)
     shift = six * np.float32(f)
-    for p in range(x.shape[0] // 3):
-        r, g, b = x[3 * p], x[3 * p + 1], x[3 * p + 2]
+    for p in range(npix):
+        r, g, b = R[p], G[p], B[p]
         mx = max(r, max(g, b))
         delta = mx - min(r, min(g, b))
         d = delta if delta > 0 else one
@@ -741,75 +763,89 @@ def _hue(x, f):  # rotate in HSV by f turns (torchvision's formula; |f| <= 0.5)
         k1 = k1 - six if k1 >= six else k1
         k2 = h6 + one
         k2 = k2 - six if k2 >= six else k2
-        x[3 * p] = mx - vs * _clamp01(min(k0, np.float32(4.0) - k0))
-        x[3 * p + 1] = mx - vs * _clamp01(min(k1, np.float32(4.0) - k1))
-        x[3 * p + 2] = mx - vs * _clamp01(min(k2, np.float32(4.0) - k2))
+        R[p] = mx - vs * _clamp01(min(k0, np.float32(4.0) - k0))
+        G[p] = mx - vs * _clamp01(min(k1, np.float32(4.0) - k1))
+        B[p] = mx - vs * _clamp01(min(k2, np.float32(4.0) - k2))
 
 
 @numba.njit(cache=True, fastmath=False)
 def _grayscale(x):
-    for p in range(x.shape[0] // 3):
-        g = _WR * x[3 * p] + _WG * x[3 * p + 1] + _WB * x[3 * p + 2]
-        x[3 * p] = g
-        x[3 * p + 1] = g
-        x[3 * p + 2] = g
+    """Luma of planar x into plane 0 only; planes 1 and 2 are left stale (the caller then treats
+    the view as one plane)."""
+    npix = x.shape[0] // 3
+    r, g, b = x[:npix], x[npix:2 * npix], x[2 * npix:3 * npix]
+    for p in range(npix):
+        r[p] = _WR * r[p] + _WG * g[p] + _WB * b[p]
 
 
 @numba.njit(cache=True, fastmath=False)
-def _blur_rows(x, t, pad, ker, h, w3, rad):
-    """Horizontal pass of the separable blur, x -> t, rows copied into `pad` with reflected borders."""
+def _blur_rows(x, t, pad, ker, nrows, w, rad):
+    """Horizontal pass of the separable blur, x -> t, over nrows rows of w values (all planes'
+    rows in a row), each copied into `pad` with reflected borders."""
     nk = 2 * rad + 1
-    mid = pad[3 * rad:3 * rad + w3]
+    mid = pad[rad:rad + w]
     kc = ker[rad]
-    for i in range(h):
-        row = x[i * w3:(i + 1) * w3]
-        for k in range(w3):  # interior: a straight copy
+    for i in range(nrows):
+        row = x[i * w:(i + 1) * w]
+        for k in range(w):  # interior: a straight copy
             mid[k] = row[k]
         for a in range(1, rad + 1):  # reflected borders
-            for c in range(3):
-                pad[3 * (rad - a) + c] = row[3 * a + c]
-                pad[3 * rad + w3 + 3 * (a - 1) + c] = row[w3 - 3 * (a + 1) + c]
-        out = t[i * w3:(i + 1) * w3]
-        for k in range(w3):
+            pad[rad - a] = row[a]
+            pad[rad + w + a - 1] = row[w - 1 - a]
+        out = t[i * w:(i + 1) * w]
+        for k in range(w):
             out[k] = kc * mid[k]
         for a in range(rad):  # symmetric taps: one multiply per pair
-            ka, p0, p1 = ker[a], pad[3 * a:3 * a + w3], pad[3 * (nk - 1 - a):3 * (nk - 1 - a) + w3]
-            for k in range(w3):
+            ka, p0, p1 = ker[a], pad[a:a + w], pad[nk - 1 - a:nk - 1 - a + w]
+            for k in range(w):
                 out[k] += ka * (p0[k] + p1[k])
 
 
 @numba.njit(cache=True, fastmath=False)
-def _blur_cols(t, x, ker, h, w3, rad):
-    """Vertical pass, t -> x, rows reflected at the top and bottom."""
+def _blur_cols(t, x, ker, planes, h, w, rad):
+    """Vertical pass, t -> x, for each of `planes` planes of h rows of w, rows reflected at the
+    top and bottom of the plane."""
     kc = ker[rad]
-    for i in range(h):
-        out, row = x[i * w3:(i + 1) * w3], t[i * w3:(i + 1) * w3]
-        for k in range(w3):
-            out[k] = kc * row[k]
-        for a in range(rad):  # rows i - (rad - a) and i + (rad - a), reflected
-            i0, i1 = i - (rad - a), i + (rad - a)
-            i0 = -i0 if i0 < 0 else i0
-            i1 = 2 * (h - 1) - i1 if i1 >= h else i1
-            ka, r0, r1 = ker[a], t[i0 * w3:(i0 + 1) * w3], t[i1 * w3:(i1 + 1) * w3]
-            for k in range(w3):
-                out[k] += ka * (r0[k] + r1[k])
+    for c in range(planes):
+        tp, xp = t[c * h * w:(c + 1) * h * w], x[c * h * w:(c + 1) * h * w]
+        for i in range(h):
+            out, row = xp[i * w:(i + 1) * w], tp[i * w:(i + 1) * w]
+            for k in range(w):
+                out[k] = kc * row[k]
+            for a in range(rad):  # rows i - (rad - a) and i + (rad - a), reflected
+                i0, i1 = i - (rad - a), i + (rad - a)
+                i0 = -i0 if i0 < 0 else i0
+                i1 = 2 * (h - 1) - i1 if i1 >= h else i1
+                ka, r0, r1 = ker[a], tp[i0 * w:(i0 + 1) * w], tp[i1 * w:(i1 + 1) * w]
+                for k in range(w):
+                    out[k] += ka * (r0[k] + r1[k])
 
 
 @numba.njit(cache=True, fastmath=False)
-def _unit_to_u8(x, dst, solarize):
-    half, top, one = np.float32(0.5), np.float32(255.0), np.float32(1.0)
-    for k in range(x.shape[0]):
-        v = x[k]
-        if solarize and v >= half:
-            v = one - v
-        v = v * top + half
-        dst[k] = np.uint8(np.float32(0.0) if v < 0 else (top if v > top else v))
+def _planar_to_u8(x, dst, npix, planes, solarize):
+    """Planar float32 -> interleaved uint8 (solarized first if asked), rounded half up and
+    clamped; planes == 1: plane 0 is written to all three channels (a grayscale view)."""
+    half, top, one, zero = np.float32(0.5), np.float32(255.0), np.float32(1.0), np.float32(0.0)
+    r = x[:npix]
+    g = x[npix:2 * npix] if planes == 3 else r
+    b = x[2 * npix:3 * npix] if planes == 3 else r
+    for p in range(npix):
+        q = np.uint64(3 * p)
+        v0, v1, v2 = r[p], g[p], b[p]
+        if solarize:
+            v0 = one - v0 if v0 >= half else v0
+            v1 = one - v1 if v1 >= half else v1
+            v2 = one - v2 if v2 >= half else v2
+        v0, v1, v2 = v0 * top + half, v1 * top + half, v2 * top + half
+        dst[q] = np.uint8(min(max(v0, zero), top))
+        dst[q + 1] = np.uint8(min(max(v1, zero), top))
+        dst[q + 2] = np.uint8(min(max(v2, zero), top))
 
 
 @numba.njit(cache=True, fastmath=False)
 def _apply_colour(o, scratch, q, max_radius, flip=False):
     """Apply parameters q (from _colour_params) to one view o (h, w, 3) uint8, in place, working
-    in float32 on `scratch` (colour_scratch_size floats); the ops of ViewAugment.apply in its
+    in planar float32 on `scratch` (colour_scratch_size floats); the ops of ViewAugment.apply in its
     order (jitter steps, gray, blur, solarize), rounded to uint8 once at the end. flip: mirror the
     view first (read mirrored by the uint8 -> float pass; every op here commutes with the flip)."""
     jit, gray, blur, sol = q[0] > 0, q[9] > 0, q[10] > 0, q[12] > 0
@@ -818,13 +854,14 @@ def _apply_colour(o, scratch, q, max_radius, flip=False):
             _flip_u8(o)
         return
     h, w = o.shape[0], o.shape[1]
-    n = h * w * 3
+    npix = h * w
+    n = 3 * npix
     src = o.reshape(n)
     x = scratch[:n]
     if flip:
-        _u8_to_unit_flipped(src, x, h, w)
+        _u8_to_planar_flipped(src, x, h, w)
     else:
-        _u8_to_unit(src, x)
+        _u8_to_planar(src, x, npix)
     if jit:
         for step in range(4):
             op = int(q[5 + step])
@@ -832,13 +869,15 @@ def _apply_colour(o, scratch, q, max_radius, flip=False):
             if op == 0:
                 _brightness(x, f)
             elif op == 1:
-                _contrast(x, f, 3 * w, scratch[n:n + 3 * w])
+                _contrast(x, f, w, scratch[n:n + w])
             elif op == 2:
                 _saturation(x, f)
             else:
                 _hue(x, q[4])
+    planes = 3
     if gray:
         _grayscale(x)
+        planes = 1
     if blur:  # separable Gaussian, reflect padding, support 3 sigma
         rad = min(max_radius, int(math.ceil(3.0 * q[11])), h - 1, w - 1)
         nk = 2 * rad + 1
@@ -851,10 +890,10 @@ def _apply_colour(o, scratch, q, max_radius, flip=False):
         for a in range(nk):
             ker[a] = ker[a] / total
         t = scratch[n:2 * n]
-        pad = scratch[2 * n:2 * n + 3 * (w + 2 * rad)]
-        _blur_rows(x, t, pad, ker, h, 3 * w, rad)
-        _blur_cols(t, x, ker, h, 3 * w, rad)
-    _unit_to_u8(x, src, sol)
+        pad = scratch[2 * n:2 * n + w + 2 * rad]
+        _blur_rows(x, t, pad, ker, planes * h, w, rad)
+        _blur_cols(t, x, ker, planes, h, w, rad)
+    _planar_to_u8(x, src, npix, planes, sol)
 
 
 # ---- crop resize: OpenCV's INTER_AREA, 3.5-5x faster --------------------------------------------

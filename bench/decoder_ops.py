@@ -3,7 +3,7 @@
     .venv/bin/python bench/decoder_ops.py              # the per-view numbers quoted in BENCHMARKS.md
 
 Times, in ms per view of --res px (random uint8 pixels; the ops do not branch on content):
-each colour op of the decoder path (numba, float32 on an interleaved scratch; the uint8 -> float
+each colour op of the decoder path (numba, float32 on a planar scratch; the uint8 -> float
 pass also mirrored, which is how flipped views with colour ops are flipped), _apply_colour with
 only a blur at three sigmas and with all four jitter ops, the horizontal flip (in place, and the
 allocating `o[:] = o[:, ::-1].copy()` it replaced), and libffcv's OpenCV resize of square crops of
@@ -164,15 +164,15 @@ def main(args):
     scratch = np.zeros(data.colour_scratch_size(res, 6), np.float32)
     x, src, dst = scratch[:n], view.reshape(n).copy(), view.reshape(n).copy()
     f = np.float32(1.1)
-    rows = [('uint8 -> float', lambda: data._u8_to_unit(src, x)),
-            ('uint8 -> float, mirrored (the flip)', lambda: data._u8_to_unit_flipped(src, x, res, res)),
+    rows = [('uint8 -> planar float', lambda: data._u8_to_planar(src, x, res * res)),
+            ('uint8 -> planar float, mirrored (the flip)', lambda: data._u8_to_planar_flipped(src, x, res, res)),
             ('brightness', lambda: data._brightness(x, f)),
-            ('contrast', lambda: data._contrast(x, f, 3 * res, scratch[n:n + 3 * res])),
+            ('contrast', lambda: data._contrast(x, f, res, scratch[n:n + res])),
             ('saturation', lambda: data._saturation(x, f)),
             ('hue', lambda: data._hue(x, np.float32(0.05))),
             ('grayscale', lambda: data._grayscale(x)),
-            ('float -> uint8', lambda: data._unit_to_u8(x, dst, False)),
-            ('float -> uint8 + solarize', lambda: data._unit_to_u8(x, dst, True))]
+            ('planar float -> uint8', lambda: data._planar_to_u8(x, dst, res * res, 3, False)),
+            ('planar float -> uint8 + solarize', lambda: data._planar_to_u8(x, dst, res * res, 3, True))]
     for sigma in (0.1, 1.0, 2.0):
         q = np.zeros(14)
         q[10], q[11] = 1, sigma

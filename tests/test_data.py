@@ -487,7 +487,7 @@ def float_ops(data):
     h, w = 40, 48
     x = rng.random(h * w * 3, dtype=np.float32)
     out = {}
-    for name, fn in (('contrast', lambda v: data._contrast(v, np.float32(0.7), 3 * w, np.empty(3 * w, np.float32))),
+    for name, fn in (('contrast', lambda v: data._contrast(v, np.float32(0.7), w, np.empty(w, np.float32))),
                      ('saturation', lambda v: data._saturation(v, np.float32(1.3))),
                      ('hue', lambda v: data._hue(v, np.float32(0.21))),
                      ('grayscale', data._grayscale)):
@@ -496,10 +496,10 @@ def float_ops(data):
         out[name] = v
     ker = np.array([0.05, 0.1, 0.2, 0.3, 0.2, 0.1, 0.05], np.float32)
     t = np.empty_like(x)
-    data._blur_rows(x, t, np.empty(3 * (w + 6), np.float32), ker, h, 3 * w, 3)
+    data._blur_rows(x, t, np.empty(w + 6, np.float32), ker, 3 * h, w, 3)  # planar: 3 planes of h rows
     out['blur_rows'] = t.copy()
     v = np.empty_like(x)
-    data._blur_cols(t, v, ker, h, 3 * w, 3)
+    data._blur_cols(t, v, ker, 3, h, w, 3)
     out['blur_cols'] = v
     img = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
     o = np.empty((31, 29, 3), np.uint8)
