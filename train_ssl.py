@@ -142,7 +142,8 @@ def get_args_parser():
                    help='Weight decay of >=2-D tensors (CLAMP 1e-6, solo-learn baselines 1e-4). (default: %(default)s)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD/LARS momentum. (default: %(default)s)')
     g.add_argument('--lars_eta', type=float, default=1e-3, help='LARS trust coefficient (solo-learn 0.02). (default: %(default)s)')
-    g.add_argument('--lars_clip', type=utils.str2bool, default=False, help='Cap LARS trust ratio at 1 (solo-learn). (default: %(default)s)')
+    g.add_argument('--lars_clip', type=utils.str2bool, default=False, help="Clip the LARS trust ratio as solo-learn (Apex LARC): each tensor's step is "
+                        "min(eta*||w||/(||g||+wd*||w||), lr); off: barlowtwins' lr*eta*||w||/||g+wd*w||. (default: %(default)s)")
     g.add_argument('--clip_grad', type=float, default=0.0, help='Max global grad norm, 0 = off. (default: %(default)s)')
 
     g = p.add_argument_group('eval')
@@ -350,7 +351,8 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
     ctx.setdefault('first_step', epoch * n_iter + start_it)  # where this process started (--crash_at_step)
     sums = torch.zeros(3, device=ctx['device'])  # loss, probe correct, probe count
     nonfinite = torch.zeros((), dtype=torch.bool, device=ctx['device'])
-    t0, seen, counted = time.time(), 0, 0  # counted: steps in sums (skipped ones are not)
+    t0, seen, counted, n_img = time.time(), 0, 0, 0  # counted: steps in sums (skipped ones are not)
+    lr = utils.cosine_lr(epoch * n_iter + start_it, total, warm, args.lr, args.min_lr)  # if no step runs
     skip_mode = args.nan_policy == 'skip'
 
     def stop_nonfinite(step, it, why=''):
@@ -419,6 +421,7 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
                 stop_nonfinite(step, it, f" and {ctx['skipped']} steps skipped, more than --max_skipped_steps "
                                          f"{args.max_skipped_steps}")
         seen += 1
+        n_img += labels.shape[0] * ctx['world_size']
         bar.update(1)
         last = it == n_iter - 1
         if it % args.print_freq == 0 or last:
@@ -431,7 +434,9 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
             flag = torch.tensor([float(stop_now)], device=ctx['device'])
             torch.distributed.all_reduce(flag)
             stop_now = flag.item() > 0
-        if stop_now or (args.ckpt_every_steps and (step + 1) % args.ckpt_every_steps == 0 and not last):
+        if stop_now and last:  # the epoch is complete: end it as usual (eval, log, save), then stop
+            ctx['stop_after_epoch'] = True
+        elif stop_now or (args.ckpt_every_steps and (step + 1) % args.ckpt_every_steps == 0 and not last):
             ctx['save'](epoch, it + 1)
             if stop_now:
                 bar.close()
@@ -439,9 +444,8 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
     bar.close()
     sums = utils.all_reduce_mean(sums)
     dt = time.time() - t0
-    n_img = seen * labels.shape[0] * ctx['world_size']
-    return {'loss': sums[0].item() / max(1, counted), 'probe_acc': 100 * sums[1].item() / max(1, sums[2].item()),
-            'lr': lr, 'images_per_s': n_img / dt, 'time_s': dt, 'skipped_steps': ctx['skipped']}
+    return {'loss': sums[0].item() / counted if counted else float('nan'), 'probe_acc': 100 * sums[1].item() / max(1, sums[2].item()),
+            'lr': lr, 'images_per_s': n_img / max(dt, 1e-9), 'time_s': dt, 'skipped_steps': ctx['skipped']}
 
 
 def _bn_buffers(*modules):
@@ -634,6 +638,11 @@ def main(args):
                  if k in ('epoch', 'train_loss', 'train_probe_acc', 'train_images_per_s', 'test_knn_top1',
                           'test_diag_nc_acc', 'test_diag_radius', 'test_diag_contacts')}
         print(json.dumps(shown))
+        if ctx.get('stop_after_epoch'):
+            print(f"| signal {STOP['signal']} at the end of epoch {epoch}: checkpoint saved to {ckpt_path}; "
+                  f"re-run the same command to resume")
+            utils.cleanup_distributed()
+            sys.exit(3)
 
     export_backbone(utils.unwrap(ddp_model).model, args)
     print(f"| done in {timer() / 60:.1f} min; backbone exported to {os.path.join(args.output_dir, 'backbone.pth')}")

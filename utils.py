@@ -217,10 +217,14 @@ def param_groups(model, weight_decay):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as in barlowtwins' main.py: SGD with momentum whose update for each
-    weight tensor is scaled by eta * ||w|| / ||g + wd*w||. Groups with lars_exclude=True (1-D
-    params) get plain SGD with momentum and no decay. `clip=True` caps the trust ratio at 1
-    (solo-learn's 'clip_lr')."""
+    """LARS (You et al. 2017): SGD with momentum whose update for each weight tensor is scaled by a
+    trust ratio. Groups with lars_exclude=True (1-D params) get plain SGD with momentum, no decay.
+
+    clip=False: barlowtwins' main.py, ratio eta * ||w|| / ||g + wd*w||, step lr * ratio * (g + wd*w).
+    clip=True: solo-learn's LARS (SPEC "LARS eta 0.02 with clip"; Apex LARC's clip): ratio
+    eta * ||w|| / (||g|| + wd * ||w|| + 1e-8), clipped as min(ratio / lr, 1), so each tensor's step
+    is min(eta * ||w|| / (...), lr) * (g + wd*w): the trust ratio *replaces* the lr wherever it is
+    the smaller one (it does not multiply it)."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
@@ -234,12 +238,18 @@ class LARS(torch.optim.Optimizer):
                     continue
                 dp = p.grad
                 if not g['lars_exclude']:
-                    dp = dp.add(p, alpha=g['weight_decay'])
-                    p_norm, d_norm = torch.norm(p), torch.norm(dp)
-                    q = torch.where((p_norm > 0) & (d_norm > 0), g['eta'] * p_norm / d_norm,
-                                    torch.ones_like(p_norm))
+                    wd = g['weight_decay']
+                    p_norm = torch.norm(p)
                     if g['clip']:
-                        q = q.clamp(max=1.0)
+                        g_norm = torch.norm(dp)
+                        q = g['eta'] * p_norm / (g_norm + wd * p_norm + 1e-8)
+                        q = (q / g['lr']).clamp(max=1.0) if g['lr'] > 0 else torch.ones_like(q)
+                        dp = dp.add(p, alpha=wd)
+                    else:
+                        dp = dp.add(p, alpha=wd)
+                        g_norm = torch.norm(dp)
+                        q = g['eta'] * p_norm / g_norm
+                    q = torch.where((p_norm > 0) & (g_norm > 0), q, torch.ones_like(p_norm))
                     dp = dp.mul(q)
                 state = self.state[p]
                 if 'mu' not in state:

@@ -118,6 +118,24 @@ def test_sigterm_saves_and_resumes_mid_epoch(betons, tmp_path):
     assert 'epoch 0, batch 2' in p.stdout
 
 
+def test_sigterm_on_last_step_of_epoch_resumes(betons, tmp_path):
+    """A signal on an epoch's last step ends the epoch as usual (log line, checkpoint at the next
+    epoch) before stopping: the checkpoint it leaves resumes, and so does one saved at batch ==
+    steps per epoch (as the code before 2026-12-02 wrote there: resuming it crashed)."""
+    out = tmp_path / 'ssl'
+    cmd = ssl_cmd(betons, out, epochs=2, extra=['--knn_every', '0', '--diag_batch', '0'])
+    p = run(cmd + ['--signal_at_step', '3'], check=False)  # 64 images / batch 16: steps 0-3 in epoch 0
+    assert p.returncode == 3, p.stderr[-2000:]
+    ck = torch.load(out / 'checkpoint.pth', weights_only=False)
+    assert (ck['epoch'], ck['batch']) == (1, 0)
+    assert [r['epoch'] for r in read_log(out)] == [0]
+    ck['epoch'], ck['batch'] = 0, 4  # the old end-of-epoch checkpoint
+    torch.save(ck, out / 'checkpoint.pth')
+    p = run(cmd)
+    assert 'epoch 0, batch 4' in p.stdout
+    assert [r['epoch'] for r in read_log(out)][-2:] == [0, 1]
+
+
 @pytest.mark.parametrize('flags,message', [
     (['--loss', 'nope'], 'unknown --loss'),
     (['--data_path', '/nonexistent/x.beton'], 'x.beton'),

@@ -37,6 +37,24 @@ def test_lars_excludes_1d_params_and_adapts_others():
     torch.testing.assert_close(w.detach(), torch.full((4, 4), 2.0) - q * g)
 
 
+@pytest.mark.parametrize('grad_scale', [1.0, 1e-4])
+def test_lars_clip_is_solo_learns(grad_scale):
+    """clip=True: each tensor steps by min(eta ||w|| / (||g|| + wd ||w|| + 1e-8), lr) * (g + wd w)
+    (solo-learn's clip_lars_lr): a large gradient takes the trust-ratio step, not lr times it; a tiny
+    one is capped at the plain SGD step."""
+    torch.manual_seed(0)
+    w0, g0 = torch.randn(8, 5), grad_scale * torch.randn(8, 5)
+    lr, eta, wd = 0.4, 0.02, 1e-4
+    w = nn.Parameter(w0.clone())
+    opt = utils.LARS([{'params': [w], 'weight_decay': wd}], lr=lr, momentum=0.0, eta=eta, clip=True)
+    w.grad = g0.clone()
+    opt.step()
+    ratio = eta * w0.norm() / (g0.norm() + wd * w0.norm() + 1e-8)
+    step = min(ratio.item(), lr)
+    assert (step == lr) == (grad_scale < 1)  # both branches of the clip are exercised
+    torch.testing.assert_close(w.detach(), w0 - step * (g0 + wd * w0))
+
+
 def test_cosine_lr_warmup_and_end():
     lrs = [utils.cosine_lr(s, 100, 10, 1.0, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
