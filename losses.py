@@ -6,15 +6,16 @@ in each signature). Losses are computed in float32 even under autocast (float64 
 float64, which the tests use). ``LOSSES`` maps the ``--loss`` flag value to the function.
 
 Distributed convention, one for every objective that sees the global batch (clamp, mmcr,
-simclr, mocov3, swav, barlow_twins, vicreg, align_uniform, byol, simsiam):
+tcr, mcr2, simclr, mocov3, swav, barlow_twins, vicreg, align_uniform, byol, simsiam):
   * the returned value is, on every rank, the single-process value on the concatenated
     batch ``torch.cat([z_rank0, z_rank1, ...])``;
   * the gradient that reaches this rank's ``z`` is ``W`` times the single-process gradient
     of those rows, so that DDP's 1/W gradient averaging gives exactly the single-process
     parameter update. The learning rate then depends on the global batch only, not on W.
   These losses run collectives: call them on every rank, with the same B on every rank.
-tcr, mcr2 and cplearn are local by design (coding rates and CPLearn's sqrt(n) scaling are
-defined on the rank's own batch): each rank optimises its own objective, DDP averages.
+cplearn alone is local (SPEC §4: no gather, n = the rank's batch in its sqrt(n) scaling): each
+rank optimises its own objective, DDP averages. The coding rates of tcr and mcr2 are of the global
+batch, as NMCE's single-process (DataParallel) code computes them.
 """
 import functools
 import math
@@ -383,9 +384,10 @@ def tcr(z, eps=0.2, z_weight=30.0):
     invariance = mean_i cos(z_1i, z_2i) for V = 2, mean cos to the view mean for V > 2.
     For V = 2: L = 1/2[-R(Z_1) - R(Z_2)] - z_weight * mean cos (SPEC §3).
     Source: Li et al., NMCE; zengyi-li/NMCE-release NMCE/loss.py (TotalCodingRate, Z_loss)
-    and NMCE/train_selfsup.py. Local: no gather (coding rate of this rank's batch)."""
+    and NMCE/train_selfsup.py. Distributed: z gathered WITH gradient (n = the global batch);
+    every rank computes the same value; the gradient reaching this rank's z is W x single-process."""
     _check_bvd(z)
-    x = F.normalize(z, dim=-1)
+    x = gather_batch(F.normalize(z, dim=-1), grad=True)
     rate = _coding_rate(x.transpose(0, 1), eps).mean()
     return -rate - z_weight * _view_invariance(x)
 
@@ -399,10 +401,12 @@ def mcr2(z, pi, eps=0.2, z_weight=0.0):
     L = -R(zbar) + sum_k tr(Pi_k)/(2n) logdet(I + d/(tr(Pi_k) eps) zbar^T diag(Pi_k) zbar)
         - z_weight * invariance, with tr(Pi_k) = sum_i Pi_ik + 1e-8.
     Source: zengyi-li/NMCE-release NMCE/loss.py (MaximalCodingRateReduction, gamma = 1) and
-    NMCE/train_clustering.py (chunk_avg with normalise). Local: no gather."""
+    NMCE/train_clustering.py (chunk_avg with normalise). Distributed: z and pi gathered WITH
+    gradient (n = the global batch), the same value on every rank, gradients W x single-process."""
     _check_bvd(z)
     if pi.ndim != 3 or pi.shape[:2] != z.shape[:2]:
         raise ValueError(f"pi must be (B, V, K) with z's B, V; got {tuple(pi.shape)} for z {tuple(z.shape)}")
+    z, pi = gather_batch(z, grad=True), gather_batch(pi, grad=True)
     n, _, d = z.shape
     x = F.normalize(z, dim=-1)
     zbar = F.normalize(x.mean(1), dim=-1)

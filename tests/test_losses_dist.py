@@ -33,6 +33,7 @@ def build_cases():
     protos = F.normalize(rand(K, D, seed=4), dim=-1)
     scores = F.normalize(z, dim=-1) @ protos.T
     queue = F.normalize(rand(WORLD * 3, 2, D, seed=5), dim=-1) @ protos.T
+    pi = torch.softmax(rand(n, V, K, seed=6), dim=-1)
     return {
         "clamp": ("clamp", (clustered,), {}),
         "clamp_energy_size": ("clamp", (clustered,), dict(log_energy=False, size_weight=0.1)),
@@ -46,6 +47,8 @@ def build_cases():
         "barlow_twins": ("barlow_twins", (z,), dict(lambd=0.1)),
         "vicreg": ("vicreg", (z,), {}),
         "align_uniform": ("align_uniform", (z,), {}),
+        "tcr": ("tcr", (z,), {}),
+        "mcr2": ("mcr2", (z, pi), dict(eps=0.5, z_weight=2.0)),
         "byol": ("byol", (z, other), {}),
         "simsiam": ("simsiam", (z, other), {}),
     }
