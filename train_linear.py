@@ -1,13 +1,15 @@
 """Linear probe of a frozen backbone (SPEC §8): one linear head per learning rate, trained at once.
 
     python train_linear.py --weights runs/ssl --data_path train.beton --val_path test.beton
-    torchrun --nproc_per_node=8 train_linear.py --weights runs/ssl/backbone.pth ... --cache_features 0
+    torchrun --nproc_per_node=8 train_linear.py --weights runs/ssl/backbone.pth ...
+    python train_linear.py ... --cache_features 1       # minutes on a CPU: centre-crop features once
 
 Two protocols; results.json names the one used (and its train augmentation):
-- cached-centre-crop (--cache_features 1, default): one pass of backbone features on centre
+- cached-centre-crop (--cache_features 1): one pass of backbone features on centre
   crops, then the heads train on that cache. Minutes instead of hours, and typically a little
   lower than rrc-flip (no augmentation). The features can also come from --load_features.
-- rrc-flip (--cache_features 0): every step a RandomResizedCrop(--crop_min_scale, 1) + flip of
+- rrc-flip (--cache_features 0, default; the SPEC §8 protocol): every step a RandomResizedCrop(--crop_min_scale,
+  1) + flip of
   each WHOLE stored image goes through the frozen backbone (SPEC §8; MoCo v3's main_lincls),
   streamed from the beton by data.build_ssl_loader over the train split's indices: nothing of
   the train set is held in memory, so it works at ImageNet size.
@@ -43,10 +45,10 @@ def get_args_parser():
                         '(default: %(default)s)')
 
     g = p.add_argument_group('eval')
-    g.add_argument('--cache_features', type=utils.str2bool, default=True,
-                   help='1: protocol cached-centre-crop (features computed once; fast, slightly lower). '
-                        '0: protocol rrc-flip (augmented crops through the backbone every step; the SPEC '
-                        'protocol, ~epochs x slower). (default: %(default)s)')
+    g.add_argument('--cache_features', type=utils.str2bool, default=None,
+                   help='0: protocol rrc-flip (augmented crops through the backbone every step; the SPEC '
+                        'protocol, ~epochs x slower). 1: protocol cached-centre-crop (features computed '
+                        'once; fast, slightly lower). (default: 0, or 1 with --load_features)')
     g.add_argument('--val_fraction', type=float, default=0.1,
                    help='Fraction of each class of the train beton held out (seeded by --seed) to choose '
                         'the lr and epoch; 0 = no selection: one --lr, last epoch. (default: %(default)s)')
@@ -100,6 +102,8 @@ def check_args(args, world_size):
     if args.val_fraction == 0 and len(args.lr) > 1:
         utils.fail('choosing among several --lr needs a validation split: set --val_fraction > 0 '
                    '(choosing on test is the habit this script exists to avoid)')
+    if args.cache_features is None:
+        args.cache_features = bool(args.load_features)
     if args.load_features and not args.cache_features:
         utils.fail('--load_features trains on cached features: it needs --cache_features 1')
     if not 0 < args.crop_min_scale <= 1:

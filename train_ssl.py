@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 import losses
 import utils
-from models import build_model, ARCHS
+from models import build_model, parse_dims, ARCHS
 
 # ---- flags -------------------------------------------------------------------------------------
 
@@ -92,8 +92,8 @@ def get_args_parser():
     g.add_argument('--loss', default='clamp', help=f'Objective, one of: {", ".join(losses.LOSSES)}. (default: %(default)s)')
     g.add_argument('--num_views', type=int, default=2,
                    help='Views per image V (CLAMP CIFAR 16, MMCR 40, most baselines 2). (default: %(default)s)')
-    g.add_argument('--recipe', default='cifar',
-                   help='Augmentation recipe of data.py (cifar, cifar_strong, imagenet, crop, noise). (default: %(default)s)')
+    g.add_argument('--recipe', default='cifar', choices=list(data.RECIPES),
+                   help='Augmentation recipe of data.py (SPEC §7). (default: %(default)s)')
     g.add_argument('--colour_ops', default='auto', choices=['auto', 'decoder', 'torch'],
                    help='Where the per-view colour augmentations run: decoder = numba inside the ffcv decoder '
                         'threads (fastest on CPUs), torch = batched torch ops on the training device (fastest '
@@ -192,8 +192,13 @@ def check_args(args, world_size):
     if args.batch_size % world_size:
         utils.fail(f"--batch_size {args.batch_size} does not divide by the {world_size} processes; "
                    f"use a multiple of {world_size}")
-    if args.num_views < 2 and args.loss != 'align_uniform':
+    if args.num_views < 2:
         utils.fail('--num_views must be >= 2 (each image needs at least two views)')
+    for flag in ('proj_dims', 'pred_dims'):
+        try:
+            parse_dims(getattr(args, flag))
+        except ValueError:
+            utils.fail(f"--{flag} {getattr(args, flag)!r}: write layer widths joined by '-', e.g. 2048-256")
     if args.num_small_views < 0:
         utils.fail(f"--num_small_views must be >= 0, got {args.num_small_views}")
     if args.max_skipped_steps < 0:
@@ -211,8 +216,10 @@ def check_args(args, world_size):
                    f"probabilities): pretrain with --loss tcr, then run the clustering stage")
     if names[0] in ('p', 'q') and not args.pred_dims:
         utils.fail(f"--loss {args.loss} needs a predictor: pass --pred_dims (e.g. 4096-256)")
-    if 'k' in names and not args.ema:
-        utils.fail(f"--loss {args.loss} compares with a momentum encoder: pass --ema 1")
+    if ('k' in names or args.loss == 'byol') and not args.ema:  # byol's z_target: the EMA teacher's
+        utils.fail(f"--loss {args.loss} compares with a momentum encoder: pass --ema 1"
+                   + (" (without it the target is the online network, stop-gradient: --loss simsiam)"
+                      if args.loss == 'byol' else ''))
     for kw, per_loss in loss_kwargs_spec().items():
         if getattr(args, kw) is not None and args.loss not in per_loss:
             utils.fail(f"--{kw} is not a hyper-parameter of --loss {args.loss} (it belongs to {', '.join(per_loss)})")

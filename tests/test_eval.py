@@ -52,7 +52,7 @@ def test_linear_cached_end_to_end_then_resume_on_its_features(tiny, tmp_path):
     import train_linear
     out = tmp_path / 'lin'
     p = run(['train_linear.py', '--weights', tiny['ssl'], '--output_dir', out, '--epochs', '3', '--lr', '0.1', '1.0',
-             '--val_fraction', '0.25', '--dump_features', '1'] + data_flags(tiny) + TINY_EVAL)
+             '--val_fraction', '0.25', '--dump_features', '1', '--cache_features', '1'] + data_flags(tiny) + TINY_EVAL)
     r = results(out)
     assert r['protocol'] == 'cached-centre-crop' and r['backbone_unchanged'] is True
     assert (r['num_train'], r['num_val'], r['num_test']) == (48, 16, 32) and '32 test samples' in p.stdout

@@ -140,6 +140,9 @@ def test_sigterm_on_last_step_of_epoch_resumes(betons, tmp_path):
     (['--loss', 'nope'], 'unknown --loss'),
     (['--data_path', '/nonexistent/x.beton'], 'x.beton'),
     (['--blr', '0.3'], 'different hyper-parameters'),
+    (['--proj_dims', '32x16'], "--proj_dims '32x16'"),
+    (['--recipe', 'nope'], 'invalid choice'),
+    (['--loss', 'byol', '--pred_dims', '16'], 'pass --ema 1'),
 ])
 def test_bad_input_is_one_clear_line(betons, tmp_path, flags, message):
     out = tmp_path / 'ssl'
