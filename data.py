@@ -1731,7 +1731,7 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
                      seed=0, distributed=False, rank=0, world_size=1, device='cpu',
                      drop_last=True, scale=(0.08, 1.0), order='random', blur_prob=0.0,
                      noise_std=0.1, decode_once=True, indices=None, small_views=0, small_res=96,
-                     small_scale=(0.05, 0.14), colour='auto'):
+                     small_scale=(0.05, 0.14), colour='auto', norm_from=None):
     """Multi-view SSL loader over a beton written by `write_beton` (see `SSLLoader`).
 
     batch_size: images per rank per batch (each with num_views views); res: output side;
@@ -1751,6 +1751,8 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     counter hash per (sample, view)); 'torch': ViewAugment's batched torch ops on `device`
     (random parameters per batch from a torch generator); 'auto' (default): 'torch' when
     `device` is a GPU, else 'decoder'. Both draw from the same distribution (SPEC §7).
+    norm_from: beton whose sidecar mean/std normalise (the TRAIN beton when reading augmented
+    views of a test split); default: this beton's own.
     """
     info = beton_info(path)
     _check_common(info, res, channels, workers, batch_size)
@@ -1793,7 +1795,7 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     traversal = ShardedOrder(order == 'random', rank, world_size)
     subset = None if indices is None else _check_indices(indices, info)
     loader = _ffcv_loader(path, batch_size, workers, traversal, seed, subset, pipelines, drop_last)
-    mean, std = norm_stats(info, channels)
+    mean, std = norm_stats(beton_info(norm_from) if norm_from else info, channels)
     augment = ViewAugment(specs) if colour == 'torch' else None
     return SSLLoader(loader, ops, info, batch_size, num_views, res, channels, device, seed, rank,
                      augment, mean, std)

@@ -200,17 +200,19 @@ def embed(nets, batches, device, amp, limit=0):
     return {k: torch.cat(v) for k, v in out.items()}, torch.cat(labels)
 
 
-def split_features(nets, path, args, a, device, amp):
+def split_features(nets, path, args, a, device, amp, norm_from=None):
     """Features of one split: un-augmented (centre crop) for --aug_passes 0, else the mean over
-    --aug_passes augmented passes of the --aug_recipe (NMCE: 16 passes; raw features averaged)."""
+    --aug_passes augmented passes of the --aug_recipe (NMCE: 16 passes; raw features averaged).
+    norm_from: the train beton, whose mean/std normalise the test split too."""
     res, ch = args.res or a.res, args.channels or a.channels
     limit = args.max_samples
     if args.aug_passes == 0:
-        loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers, device=device)
+        loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers,
+                                        device=device, norm_from=norm_from)
         return embed(nets, ((x, y) for x, y, _ in loader), device, amp, limit)
     loader = data.build_ssl_loader(path, args.batch_size, 1, res, recipe=args.aug_recipe, channels=ch,
                                    workers=args.workers, seed=args.seed, device=device, drop_last=False,
-                                   scale=(args.aug_min_scale, 1.0), order='sequential')
+                                   scale=(args.aug_min_scale, 1.0), order='sequential', norm_from=norm_from)
     total, labels = None, None
     for p in range(args.aug_passes):
         loader.set_epoch(p)  # a new draw of crops per pass; the sequential order stays the same
@@ -319,7 +321,13 @@ def main(args):
     splits = {args.split}
     if args.nearest_subspace:
         splits |= {'train', 'test'}
-    feats = {s: split_features(nets, args.data_path if s == 'train' else args.val_path, args, a, device, amp)
+    # the test split is normalised with the train beton's mean/std, as in training (and so the
+    # nearest-subspace fit on train features applies to test features); its own only without one
+    train_stats = args.data_path if args.data_path and os.path.exists(args.data_path) else None
+    if 'test' in splits and not train_stats:
+        print(f"| test split normalised with its own mean/std (no train beton at --data_path {args.data_path})")
+    feats = {s: split_features(nets, args.data_path if s == 'train' else args.val_path, args, a, device, amp,
+                               norm_from=None if s == 'train' else train_stats)
              for s in sorted(splits)}
     for s, (f, y) in feats.items():
         print(f"| {s}: {len(y)} samples ({how}), {args.features} features of dim {f[args.features].shape[1]}")

@@ -179,14 +179,18 @@ def model_features(weights, init, args, device):
     if not path:
         utils.fail(f"{weights} records no --val_path; pass --val_path (the test beton)")
     res, ch = utils.eval_input(args, a, [data.beton_info(path)])
-    loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers, device=device)
+    train = getattr(a, 'data_path', None)  # normalise as in training: the train beton's mean/std
+    norm_from = train if train and os.path.exists(train) else None
+    loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers, device=device,
+                                    norm_from=norm_from)
     clean, _ = embed(nets, ((x, y) for x, y, _ in loader), device, amp, args.num_images)
     v = args.num_views
     if args.recipe is None:  # every model gets the views of the first one's recipe
         args.recipe = getattr(a, 'recipe', None) or 'crop'
     views = data.build_ssl_loader(path, max(1, args.batch_size // v), v, res, recipe=args.recipe,
                                   channels=ch, workers=args.workers, seed=args.seed, device=device,
-                                  drop_last=False, scale=(args.crop_min_scale, 1.0), order='sequential')
+                                  drop_last=False, scale=(args.crop_min_scale, 1.0), order='sequential',
+                                  norm_from=norm_from)
     flat, _ = embed(nets, ((x.flatten(0, 1), y.repeat_interleave(v)) for x, y in views), device, amp,
                     args.num_images * v)
     viewed = {k: t.view(-1, v, t.shape[-1]) for k, t in flat.items()}

@@ -798,3 +798,19 @@ def test_view_augment_forward():
     assert torch.equal(same, x)
     with pytest.raises(ValueError, match='unknown recipe'):
         data.recipe_specs('simclr')
+
+
+def test_norm_from_normalises_with_the_other_betons_stats(betons):
+    """norm_from (a test split read with the train beton's mean/std): same pixels, the other
+    beton's affine; for the eval loader and the SSL loader alike."""
+    own, train = data.beton_info(betons['idx_test']), data.beton_info(betons['idx'])
+    (m0, s0), (m1, s1) = data.norm_stats(own, 1), data.norm_stats(train, 1)
+    assert not torch.equal(m0, m1)
+    for build in (lambda **kw: [x for x, _, _ in data.build_eval_loader(betons['idx_test'], 8, 12, channels=1, **kw)],
+                  lambda **kw: [v for v, _ in data.build_ssl_loader(betons['idx_test'], 8, 2, 12, recipe='crop',
+                                                                    channels=1, workers=1, seed=3, **kw)]):
+        a, b = build(), build(norm_from=betons['idx'])
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x * s0.reshape(-1, 1, 1) + m0.reshape(-1, 1, 1),
+                                       y * s1.reshape(-1, 1, 1) + m1.reshape(-1, 1, 1), atol=1e-4, rtol=0)
