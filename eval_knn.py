@@ -76,10 +76,15 @@ def main(args):
         net, a = utils.load_pretrained(args.weights, args.features, load_weights=args.init == 'pretrained',
                                        seed=args.seed)
         res, ch = utils.eval_input(args, a, infos)
-    utils.prepare_output_dir(args)
-    if args.load_features:
+    feats = None
+    if args.load_features:  # checked before the run folder is written
         feats = utils.load_checkpoint_file(args.load_features)
-    else:
+        if not (isinstance(feats, dict) and all(isinstance(feats.get(s), (tuple, list)) and len(feats[s]) == 2
+                                                for s in ('train', 'test'))):
+            utils.fail(f"{args.load_features} is not a features file ({{'train': (f, y), 'test': (f, y)}}, "
+                       f"as --dump_features 1 writes)")
+    utils.prepare_output_dir(args)
+    if feats is None:
         feats = compute_features(args, net, res, ch, device)
         if args.dump_features and utils.is_main_process():
             utils.save_on_master(feats, os.path.join(args.output_dir, 'features.pth'))

@@ -215,6 +215,9 @@ def main(args):
     file, _ = utils.resolve_weights(args.weights)
     ck = utils.load_checkpoint_file(file)
     is_cluster_run = isinstance(ck, dict) and 'cluster_head' in ck
+    if not (isinstance(ck, dict) and isinstance(ck.get('args'), dict)):
+        utils.fail(f"{file} holds no saved run args: pass a train_ssl.py run folder (or its checkpoint.pth / "
+                   f"backbone.pth) or a train_cluster.py run")
     if args.stage == 'finetune' and not is_cluster_run:
         utils.fail(f"--stage finetune starts from a train_cluster.py run; {args.weights} is not one "
                    f"(run --stage frozen on it first)")

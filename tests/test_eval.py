@@ -343,3 +343,19 @@ def test_knn_on_hand_made_features(tmp_path):
                                  '--output_dir', tmp_path / weighting])
         assert {k: r[f'top1_k{k}'] for k in table} == pytest.approx(table), weighting
         assert all(r[f'top5_k{k}'] == 100.0 for k in table) and r['num_test'] == 3
+
+
+@pytest.mark.parametrize('script,flags', [
+    ('eval_knn.py', ['--weights', 'unused', '--load_features']),
+    ('train_cluster.py', ['--stage', 'frozen', '--weights']),
+])
+def test_wrong_file_is_one_clear_line(tmp_path, script, flags):
+    """A file that is not what the flag takes (a bare state dict): one line, no traceback, and
+    no run folder written."""
+    bad = tmp_path / 'sd.pth'
+    torch.save(nn.Linear(2, 2).state_dict(), bad)
+    out = tmp_path / 'out'
+    p = run([script] + flags + [str(bad), '--output_dir', str(out)], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert ('not a features file' if script == 'eval_knn.py' else 'holds no saved run args') in p.stderr
+    assert not (out / 'args.json').exists()
