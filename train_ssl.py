@@ -7,6 +7,7 @@ Re-running the same command resumes from OUTPUT_DIR/checkpoint.pth. Every --flag
 in --help; recipes are the shell scripts in scripts/.
 """
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -293,8 +294,10 @@ class EmbeddingQueue:
         self.count = int(state['count'])
 
 
-def make_loss_fn(args, teacher, queue=None):
-    """Return f(out, views) -> loss, dispatching tensors by the objective's parameter names."""
+def make_loss_fn(args, teacher, queue=None, amp=None):
+    """Return f(out, views) -> loss, dispatching tensors by the objective's parameter names.
+    amp: the autocast context the teacher's forward runs in (the student's too)."""
+    amp = amp if amp is not None else contextlib.nullcontext()
     fn, kw, names = losses.LOSSES[args.loss], loss_kwargs(args), loss_inputs(args.loss)
     params = inspect.signature(fn).parameters
     num_assign = int(kw.get('num_assign_views', params['num_assign_views'].default)) if queue is not None else 0
@@ -302,7 +305,7 @@ def make_loss_fn(args, teacher, queue=None):
     def target_z(out, views):
         if teacher is None:
             return out['z'].detach()
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             return teacher(views)['z']
 
     def compute(out, views, model):
@@ -597,7 +600,7 @@ def main(args):
         ctx['knn_val'] = data.build_eval_loader(args.val_path, 512, args.res, channels=args.channels,
                                                 workers=args.workers, device=device, rank=rank, world_size=world_size,
                                                 norm_from=args.data_path)
-    loss_fn = make_loss_fn(args, teacher, queue)
+    loss_fn = make_loss_fn(args, teacher, queue, ctx['amp'])
 
     def save(epoch, batch):
         rngs, queues = [None] * world_size, [None] * world_size
