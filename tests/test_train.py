@@ -140,9 +140,6 @@ def test_sigterm_on_last_step_of_epoch_resumes(betons, tmp_path):
     (['--loss', 'nope'], 'unknown --loss'),
     (['--data_path', '/nonexistent/x.beton'], 'x.beton'),
     (['--blr', '0.3'], 'different hyper-parameters'),
-    (['--proj_dims', '32x16'], "--proj_dims '32x16'"),
-    (['--recipe', 'nope'], 'invalid choice'),
-    (['--loss', 'byol', '--pred_dims', '16'], 'pass --ema 1'),
 ])
 def test_bad_input_is_one_clear_line(betons, tmp_path, flags, message):
     out = tmp_path / 'ssl'
@@ -152,6 +149,20 @@ def test_bad_input_is_one_clear_line(betons, tmp_path, flags, message):
     assert p.returncode != 0 and message in p.stderr
     assert 'Traceback' not in p.stderr
     assert os.path.getmtime(out / 'checkpoint.pth') == before
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--proj_dims', '32x16'], "--proj_dims '32x16'"),
+    (['--recipe', 'nope'], 'invalid choice'),
+    (['--loss', 'byol', '--pred_dims', '16'], 'pass --ema 1'),
+])
+def test_bad_flags_fail_before_the_run_folder_is_written(betons, tmp_path, flags, message):
+    """Flags checked up front: one line, and no args.json recorded (a recorded bad value would make
+    the corrected command a 'different hyper-parameters' run)."""
+    out = tmp_path / 'ssl'
+    p = run(ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--diag_batch', '0'] + flags), check=False)
+    assert p.returncode != 0 and message in p.stderr and 'Traceback' not in p.stderr
+    assert not (out / 'args.json').exists()
 
 
 def test_nonfinite_loss_stops_with_message(betons, tmp_path):
