@@ -648,7 +648,7 @@ def main(args):
                  if k in ('epoch', 'train_loss', 'train_probe_acc', 'train_images_per_s', 'test_knn_top1',
                           'test_diag_nc_acc', 'test_diag_radius', 'test_diag_contacts')}
         print(json.dumps(shown))
-        if ctx.get('stop_after_epoch'):
+        if ctx.get('stop_after_epoch') and not last:  # after the last epoch: just finish
             print(f"| signal {STOP['signal']} at the end of epoch {epoch}: checkpoint saved to {ckpt_path}; "
                   f"re-run the same command to resume")
             utils.cleanup_distributed()
