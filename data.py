@@ -623,7 +623,7 @@ def _clamp01(v):
 
 def colour_scratch_size(res, max_radius):
     """float32 scratch per sample that _apply_colour needs for views of side <= res."""
-    return 2 * res * res * 3 + 3 * (res + 2 * max_radius)
+    return 2 * res * res * 3 + res + 2 * max_radius  # planar work + blur temp, one padded row
 
 
 # Each colour op is its own small njit function: LLVM vectorises the flat loops of a small

@@ -323,9 +323,7 @@ def main(args):
         splits |= {'train', 'test'}
     # the test split is normalised with the train beton's mean/std, as in training (and so the
     # nearest-subspace fit on train features applies to test features); its own only without one
-    train_stats = args.data_path if args.data_path and os.path.exists(args.data_path) else None
-    if 'test' in splits and not train_stats:
-        print(f"| test split normalised with its own mean/std (no train beton at --data_path {args.data_path})")
+    train_stats = utils.train_norm_source(args.data_path) if 'test' in splits else None
     feats = {s: split_features(nets, args.data_path if s == 'train' else args.val_path, args, a, device, amp,
                                norm_from=None if s == 'train' else train_stats)
              for s in sorted(splits)}

@@ -179,8 +179,7 @@ def model_features(weights, init, args, device):
     if not path:
         utils.fail(f"{weights} records no --val_path; pass --val_path (the test beton)")
     res, ch = utils.eval_input(args, a, [data.beton_info(path)])
-    train = getattr(a, 'data_path', None)  # normalise as in training: the train beton's mean/std
-    norm_from = train if train and os.path.exists(train) else None
+    norm_from = utils.train_norm_source(getattr(a, 'data_path', None))  # normalise as in training
     loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers, device=device,
                                     norm_from=norm_from)
     clean, _ = embed(nets, ((x, y) for x, y, _ in loader), device, amp, args.num_images)

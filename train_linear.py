@@ -8,9 +8,9 @@ Two protocols; results.json names the one used (and its train augmentation):
 - cached-centre-crop (--cache_features 1): one pass of backbone features on centre
   crops, then the heads train on that cache. Minutes instead of hours, and typically a little
   lower than rrc-flip (no augmentation). The features can also come from --load_features.
-- rrc-flip (--cache_features 0, default; the SPEC §8 protocol): every step a RandomResizedCrop(--crop_min_scale,
-  1) + flip of
-  each WHOLE stored image goes through the frozen backbone (SPEC §8; MoCo v3's main_lincls),
+- rrc-flip (--cache_features 0, default; the SPEC §8 protocol): every step a
+  RandomResizedCrop(--crop_min_scale, 1) + flip of each WHOLE stored image goes through the
+  frozen backbone (SPEC §8; MoCo v3's main_lincls),
   streamed from the beton by data.build_ssl_loader over the train split's indices: nothing of
   the train set is held in memory, so it works at ImageNet size.
 A seeded, class-stratified --val_fraction of the train beton is held out of training; the

@@ -184,6 +184,15 @@ def eval_input(args, a, infos):
     return res, channels
 
 
+def train_norm_source(path):
+    """The train beton whose mean/std normalise a test split, as in training (pass it as
+    norm_from=); None, said in one line, when there is none at `path` (the split's own stats)."""
+    if path and os.path.exists(path):
+        return path
+    print(f"| test split normalised with its own mean/std (no train beton at {path})")
+    return None
+
+
 def autocast_ctx(dtype, device):
     """One autocast context, built once (nanoGPT): a no-op for float32."""
     if dtype == 'auto':
@@ -239,18 +248,16 @@ class LARS(torch.optim.Optimizer):
                 dp = p.grad
                 if not g['lars_exclude']:
                     wd = g['weight_decay']
-                    p_norm = torch.norm(p)
-                    if g['clip']:
+                    p_norm, decayed = torch.norm(p), dp.add(p, alpha=wd)
+                    if g['clip']:  # the norm of the raw gradient, decay added to it as wd * ||w||
                         g_norm = torch.norm(dp)
                         q = g['eta'] * p_norm / (g_norm + wd * p_norm + 1e-8)
                         q = (q / g['lr']).clamp(max=1.0) if g['lr'] > 0 else torch.ones_like(q)
-                        dp = dp.add(p, alpha=wd)
                     else:
-                        dp = dp.add(p, alpha=wd)
-                        g_norm = torch.norm(dp)
+                        g_norm = torch.norm(decayed)
                         q = g['eta'] * p_norm / g_norm
                     q = torch.where((p_norm > 0) & (g_norm > 0), q, torch.ones_like(p_norm))
-                    dp = dp.mul(q)
+                    dp = decayed.mul(q)
                 state = self.state[p]
                 if 'mu' not in state:
                     state['mu'] = torch.zeros_like(p)
