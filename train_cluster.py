@@ -201,7 +201,9 @@ def get_args_parser():
                         '0 = all. (default: %(default)s)')
     g = utils.add_data_args(p, need_train=False)
     g.description = '--data_path defaults to the source run\'s training beton.'
-    utils.add_run_args(p, default_output='runs/nmce_cluster')
+    g = utils.add_run_args(p, default_output='runs/nmce_cluster')
+    g.add_argument('--stop_at_epoch', type=int, default=None,
+                   help='Checkpoint and exit before this epoch (re-run without it to continue).')
     return p
 
 
@@ -258,6 +260,8 @@ def main(args):
         opt.load_state_dict(state['optimizer'])
         opt_c.load_state_dict(state['optimizer_c'])
         start = state['epoch']
+        if 'rng' in state:  # the Gumbel noise and the loader seeds continue as in an unbroken run
+            utils.set_rng_state(state['rng'])
         print(f"| resumed from {ckpt_path}: epoch {start}")
     snapshot = utils.snapshot_state(nn.ModuleList([net.backbone, net.pre_feature])) if frozen else None
     print(f"| stage {args.stage}: {sum(p.numel() for g in groups for p in g['params'])} parameters with lr "
@@ -270,13 +274,17 @@ def main(args):
                                    scale=(args.crop_min_scale, 1.0))
     timer = utils.Timer()
     for epoch in range(start, args.epochs):
+        if args.stop_at_epoch is not None and epoch >= args.stop_at_epoch:
+            print(f"| --stop_at_epoch {args.stop_at_epoch}: stopping; re-run without it to continue")
+            return
         loader.set_epoch(epoch)
         train = train_one_epoch(net, loader, opt, opt_c, epoch, args, amp)
         if frozen:
             utils.assert_unchanged(nn.ModuleList([net.backbone, net.pre_feature]), snapshot)
         scores = evaluate(net, args, res, channels, device, amp)
         state = {'model': net.state_dict(), 'optimizer': opt.state_dict(), 'optimizer_c': opt_c.state_dict(),
-                 'epoch': epoch + 1, 'cluster_head': True, 'args': vars(args), 'source_args': vars(src)}
+                 'epoch': epoch + 1, 'cluster_head': True, 'rng': utils.rng_state(), 'args': vars(args),
+                 'source_args': vars(src)}
         utils.save_on_master(state, ckpt_path)
         stats = {'epoch': epoch, **{f'train_{k}': v for k, v in train.items()},
                  **{f'train_cluster_{k}': v for k, v in scores.items()}, 'elapsed_s': timer()}
