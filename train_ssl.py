@@ -249,6 +249,16 @@ def loss_kwargs(args):
     return out
 
 
+def wrap_ddp(net, device, local_rank):
+    """DDP around the SSL model + probe. CPLearn's code matrix (f x c floats: 128 MiB at 2048 x 16384)
+    is never trained and is the same on every rank (drawn from --seed, or loaded from the
+    checkpoint), so DDP is told to leave it out of the buffers it broadcasts from rank 0 before every
+    forward pass (the BN statistics still are)."""
+    if isinstance(getattr(net.model, 'codes', None), torch.Tensor):
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, ['model.codes'])
+    return nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == 'cuda' else None)
+
+
 class SSLWithProbe(nn.Module):
     """The SSL model plus the online linear probe, one module so DDP averages both. The probe
     reads detached backbone features through an affine-free BN (scale-free, so its own LR works
@@ -578,7 +588,7 @@ def main(args):
 
     if args.compile:
         net.compile()
-    ddp_model = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == 'cuda' else None)
+    ddp_model = wrap_ddp(net, device, local_rank)
 
     loader = data.build_ssl_loader(args.data_path, per_rank, args.num_views, args.res, recipe=args.recipe,
                                    channels=args.channels, workers=args.workers, seed=args.seed,

@@ -175,3 +175,21 @@ def test_eval_rejects_wrong_weights(betons, tmp_path):
     p = run(['eval_knn.py', '--weights', str(tmp_path / 'missing'), '--data_path', betons['train'],
              '--val_path', betons['test'], '--output_dir', str(tmp_path / 'k')], check=False)
     assert p.returncode != 0 and 'does not exist' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_ddp_leaves_cplearn_codes_out_of_the_buffer_broadcast(tmp_path):
+    """The fixed code matrix is not re-broadcast from rank 0 before every forward pass (128 MiB at
+    the CPLearn recipe's 2048 x 16384); the BN statistics still are."""
+    import torch.distributed as dist
+    import train_ssl
+    net = torch.nn.Module()
+    net.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    net.model.register_buffer('codes', torch.ones(4, 8))
+    dist.init_process_group('gloo', init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        ddp = train_ssl.wrap_ddp(net, torch.device('cpu'), 0)
+        assert 'model.1.running_mean' in ddp.named_module_buffers
+        assert 'model.codes' not in ddp.named_module_buffers
+        assert 'model.codes' in ddp.module.state_dict()  # still saved with the checkpoint
+    finally:
+        dist.destroy_process_group()
