@@ -505,7 +505,9 @@ def evaluate(model, args, ctx, epoch, knn):
     if ctx['diag_views'] is not None:
         with ctx['amp']:
             z = model(ctx['diag_views'])['z'].float()
-        stats.update({f'diag_{k}': v for k, v in losses.clamp_diagnostics(z, r_s=args.r_s or 7.0).items()})
+        geo = {k: getattr(args, k) for k in ('r_s', 'pot_pow', 'max_range', 'min_margin')
+               if getattr(args, k, None) is not None}  # the CLAMP flags given; defaults otherwise
+        stats.update({f'diag_{k}': v for k, v in losses.clamp_diagnostics(z, **geo).items()})
     if knn and args.val_path:
         bank = utils.extract_features(model.backbone, ctx['knn_train'], ctx['device'], ctx['amp'])
         test = utils.extract_features(model.backbone, ctx['knn_val'], ctx['device'], ctx['amp'])
