@@ -36,9 +36,13 @@ def get_args_parser():
                         'nmce k=11 unweighted. Explicit flags override. (default: %(default)s)')
     g.add_argument('--ks', type=int, nargs='+', default=None, help='Numbers of neighbours, e.g. --ks 10 20 200.')
     g.add_argument('--temperature', type=float, default=None, help='T of the exp(s/T) vote weights.')
-    g.add_argument('--weighting', default=None, choices=['exp', 'uniform'], help='Vote weights.')
+    g.add_argument('--weighting', default=None, choices=['exp', 'inverse', 'uniform'],
+                   help='Vote weights: exp = exp(s/T) of the cosine s (DINO), or exp(-(d - d_nearest)/T) '
+                        'of the euclidean distance d; inverse = 1/(d + 1e-5) (euclidean only, solo-learn); '
+                        'uniform = 1 (NMCE). Default: the preset\'s, and inverse with --metric euclidean.')
     g.add_argument('--metric', default='cosine', choices=['cosine', 'euclidean'],
-                   help='cosine: L2-normalised features, dot product (DINO). (default: %(default)s)')
+                   help='cosine: L2-normalised features, dot product (DINO); euclidean: raw features, '
+                        'distances (solo-learn\'s option). (default: %(default)s)')
     g.add_argument('--batch_size', type=int, default=512, help='Per-process batch for feature extraction. (default: %(default)s)')
     g.add_argument('--dump_features', type=utils.str2bool, default=True,
                    help='Save features to OUTPUT_DIR/features.pth for reuse. (default: %(default)s)')
@@ -63,9 +67,13 @@ def compute_features(args, net, res, ch, device):
 
 def main(args):
     rank, world_size, _, device = utils.init_distributed_mode()
+    if args.weighting is None and args.metric == 'euclidean' and PRESETS[args.preset]['weighting'] == 'exp':
+        args.weighting = 'inverse'  # exp(s/T) is defined on cosines; solo-learn weights distances so
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.weighting == 'inverse' and args.metric != 'euclidean':
+        utils.fail('--weighting inverse weights euclidean distances: add --metric euclidean')
     if args.load_features is None:
         if not args.weights:
             utils.fail('--weights is needed (a run folder, checkpoint.pth or backbone.pth) unless --load_features is given')

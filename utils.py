@@ -556,15 +556,23 @@ def extract_features(net, loader, device, amp, indices=None):
 @torch.no_grad()
 def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, metric='cosine', weighting='exp',
                  num_classes=None, chunk=512):
-    """DINO's weighted kNN: top-k neighbours by cosine similarity (or negative euclidean distance)
-    vote with weight exp(s/T) ('exp') or 1 ('uniform'). Returns {k: (top1, top5)} in percent.
-    Vote ties go to the lower class index; similarity ties inside the top-k are ordered by train
-    index (an exact tie straddling the k-th place is broken by torch.topk)."""
+    """DINO's weighted kNN: top-k neighbours by cosine similarity s (or euclidean distance d) vote
+    with weight exp(s/T) ('exp'; for euclidean exp(-(d - d_1)/T), d_1 the query's nearest distance:
+    the same ranking as exp(-d/T), which underflows to 0 for every neighbour once d > ~7 T in
+    float32 and then silently predicts class 0), 1 / (d + 1e-5) ('inverse', euclidean only:
+    solo-learn's WeightedKNNClassifier) or 1 ('uniform'). Returns {k: (top1, top5)} in percent;
+    top-5 counts the first min(5, k) classes by votes (DINO: with k < 5, classes no neighbour
+    voted for would otherwise fill the list). Vote ties go to the lower class index; similarity
+    ties inside the top-k are ordered by train index (an exact tie straddling the k-th place is
+    broken by torch.topk)."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     if metric == 'cosine':
         train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     elif metric != 'euclidean':
         raise ValueError(f'unknown metric {metric!r}')
+    if weighting not in ('exp', 'inverse', 'uniform') or (weighting == 'inverse' and metric != 'euclidean'):
+        raise ValueError(f"weighting is 'exp', 'uniform' or (euclidean only) 'inverse', not {weighting!r} "
+                         f"with metric {metric!r}")
     kmax = min(max(ks), len(train_f))
     correct = {k: torch.zeros(2) for k in ks}
     for s in range(0, len(test_f), chunk):
@@ -578,10 +586,18 @@ def knn_classify(train_f, train_y, test_f, test_y, ks=(20,), T=0.07, metric='cos
         nn_y = train_y[nn_idx]
         for k in ks:
             kk = min(k, kmax)
-            w = (sim_sorted[:, :kk] / T).exp() if weighting == 'exp' else torch.ones_like(sim_sorted[:, :kk])
+            s_k = sim_sorted[:, :kk]
+            if weighting == 'uniform':
+                w = torch.ones_like(s_k)
+            elif weighting == 'inverse':
+                w = 1.0 / (-s_k + 1e-5)
+            elif metric == 'cosine':
+                w = (s_k / T).exp()
+            else:  # exp(-d/T) scaled by exp(d_1/T) per query: same votes' order, no underflow
+                w = ((s_k - s_k[:, :1]) / T).exp()
             votes = torch.zeros(len(q), num_classes).scatter_add_(1, nn_y[:, :kk], w)
             # vote ties -> the lower class index (a stable sort; topk's tie order is unspecified)
-            top = torch.sort(votes, dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)]
+            top = torch.sort(votes, dim=1, descending=True, stable=True).indices[:, :min(5, kk, num_classes)]
             yt = test_y[s:s + chunk, None]
             correct[k][0] += (top[:, :1] == yt).any(1).sum()
             correct[k][1] += (top == yt).any(1).sum()

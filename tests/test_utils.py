@@ -80,6 +80,27 @@ def test_knn_hand_computed():
     assert utils.knn_classify(bank, by, q, qy, ks=(50,), weighting='uniform')[50][0] == 50.0
 
 
+def test_knn_euclidean_at_feature_scale_and_top5_with_small_k():
+    """Three well separated classes of norm ~24 (pooled ResNet features): every euclidean
+    weighting classifies them all (exp(-d/0.07) underflowed to 0 for every neighbour and voted
+    class 0: 33 %). With k = 1 only the neighbour's class is a top-5 guess (DINO's min(5, k))."""
+    g = torch.Generator().manual_seed(0)
+    centres = 24 * torch.eye(3, 16)
+    y = torch.arange(3).repeat_interleave(20)
+    f = centres[y] + 3 * torch.randn(60, 16, generator=g)
+    bank, by, q, qy = f[::2], y[::2], f[1::2], y[1::2]
+    assert torch.cdist(q, bank).min(1).values.min() > 7  # the regime the old code failed in
+    for w in ('exp', 'inverse', 'uniform'):
+        r = utils.knn_classify(bank, by, q, qy, ks=(10,), T=0.07, metric='euclidean', weighting=w)
+        assert r[10][0] == 100.0, w
+    with pytest.raises(ValueError):
+        utils.knn_classify(bank, by, q, qy, metric='cosine', weighting='inverse')
+    rnd = torch.randn(200, 8, generator=g)
+    ry = torch.randint(0, 10, (200,), generator=g)
+    top1, top5 = utils.knn_classify(rnd[:100], ry[:100], rnd[100:], ry[100:], ks=(1,))[1]
+    assert top5 == top1  # one neighbour, one guess (the 4 lowest unvoted classes counted: ~+40 points)
+
+
 def test_knn_ties_are_deterministic():
     # two bank points at equal similarity with different labels: a 1-1 vote tie goes to the lower
     # class index, whatever the bank order
