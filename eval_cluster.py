@@ -205,18 +205,20 @@ def split_features(nets, path, args, a, device, amp, norm_from=None):
     --aug_passes augmented passes of the --aug_recipe (NMCE: 16 passes; raw features averaged).
     norm_from: the train beton, whose mean/std normalise the test split too."""
     res, ch = args.res or a.res, args.channels or a.channels
-    limit = args.max_samples
+    # --max_samples: evenly spaced over the beton (the first N of a class-sorted beton miss classes)
+    idx = data.limit_indices(data.beton_info(path)['num_samples'], args.max_samples or None)
     if args.aug_passes == 0:
         loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers,
-                                        device=device, norm_from=norm_from)
-        return embed(nets, ((x, y) for x, y, _ in loader), device, amp, limit)
+                                        device=device, norm_from=norm_from, indices=idx)
+        return embed(nets, ((x, y) for x, y, _ in loader), device, amp)
     loader = data.build_ssl_loader(path, args.batch_size, 1, res, recipe=args.aug_recipe, channels=ch,
                                    workers=args.workers, seed=args.seed, device=device, drop_last=False,
-                                   scale=(args.aug_min_scale, 1.0), order='sequential', norm_from=norm_from)
+                                   scale=(args.aug_min_scale, 1.0), order='sequential', norm_from=norm_from,
+                                   indices=idx)
     total, labels = None, None
     for p in range(args.aug_passes):
         loader.set_epoch(p)  # a new draw of crops per pass; the sequential order stays the same
-        feats, y = embed(nets, ((v[:, 0], y) for v, y in loader), device, amp, limit)
+        feats, y = embed(nets, ((v[:, 0], y) for v, y in loader), device, amp)
         if labels is not None and not torch.equal(labels, y):
             raise RuntimeError('augmented passes did not visit the samples in the same order')
         total = feats if total is None else {k: total[k] + feats[k] for k in total}
@@ -264,7 +266,7 @@ def get_args_parser():
     g.add_argument('--aug_min_scale', type=float, default=0.08,
                    help='Smallest crop area fraction of the augmented passes. (default: %(default)s)')
     g.add_argument('--max_samples', type=int, default=0,
-                   help='Use only the first N samples of each split (0 = all). k-means and the CPU cost '
+                   help='Use only N samples of each split, evenly spaced (0 = all). k-means and the CPU cost '
                         'scale with N. (default: %(default)s)')
     g.add_argument('--batch_size', type=int, default=512, help='Images per forward pass. (default: %(default)s)')
     g = utils.add_data_args(p, need_train=False)

@@ -3,7 +3,7 @@
     python eval_geometry.py --weights runs/demo/clamp                  # + its random init, by default
     python eval_geometry.py --weights runs/clamp runs/mmcr runs/cplearn --names CLAMP MMCR CPLearn
 
-For each checkpoint, on the first --num_images images of the test set:
+For each checkpoint, on the test set (--spectrum_images, default all; --num_images for packing):
   * un-augmented images -> backbone and projector features:
       - CPLearn's dimensional-collapse spectrum: log eigenvalues of E^T E / n (E globally min-max
         scaled, not centred; emsansone/CPLearn main_collapses.py) against their rank;
@@ -168,8 +168,8 @@ def packing_stats(z, r_s=7.0, pot_pow=2.0, max_range=1.5, min_margin=1e-3):
 
 
 def model_features(weights, init, args, device):
-    """Clean features {'backbone': (n, F), 'projector': (n, d)} of the first --num_images test
-    images, and the views' outputs (n, V, ·) of the same images, plus the saved args."""
+    """Clean features {'backbone': (n, F), 'projector': (n, d)} of --spectrum_images test images and
+    the views' outputs (m, V, ·) of --num_images of them (both evenly spaced), plus the saved args."""
     backbone, projector, _, _, a = load_networks(weights, init, args.seed)
     nets = {'backbone': backbone.to(device).eval()}
     if projector is not None:
@@ -180,18 +180,21 @@ def model_features(weights, init, args, device):
         utils.fail(f"{weights} records no --val_path; pass --val_path (the test beton)")
     res, ch = utils.eval_input(args, a, [data.beton_info(path)])
     norm_from = utils.train_norm_source(getattr(a, 'data_path', None))  # normalise as in training
+    # subsets evenly spaced over the test set (the first N of a class-sorted beton hold one or two
+    # classes); the spectrum needs more images than feature dimensions, or it shows a false cliff
+    n = data.beton_info(path)['num_samples']
+    idx = data.limit_indices(n, args.num_images)
     loader = data.build_eval_loader(path, args.batch_size, res, channels=ch, workers=args.workers, device=device,
-                                    norm_from=norm_from)
-    clean, _ = embed(nets, ((x, y) for x, y, _ in loader), device, amp, args.num_images)
+                                    norm_from=norm_from, indices=data.limit_indices(n, args.spectrum_images or None))
+    clean, _ = embed(nets, ((x, y) for x, y, _ in loader), device, amp)
     v = args.num_views
     if args.recipe is None:  # every model gets the views of the first one's recipe
         args.recipe = getattr(a, 'recipe', None) or 'crop'
     views = data.build_ssl_loader(path, max(1, args.batch_size // v), v, res, recipe=args.recipe,
                                   channels=ch, workers=args.workers, seed=args.seed, device=device,
                                   drop_last=False, scale=(args.crop_min_scale, 1.0), order='sequential',
-                                  norm_from=norm_from)
-    flat, _ = embed(nets, ((x.flatten(0, 1), y.repeat_interleave(v)) for x, y in views), device, amp,
-                    args.num_images * v)
+                                  norm_from=norm_from, indices=idx)
+    flat, _ = embed(nets, ((x.flatten(0, 1), y.repeat_interleave(v)) for x, y in views), device, amp)
     viewed = {k: t.view(-1, v, t.shape[-1]) for k, t in flat.items()}
     return clean, viewed, a, path
 
@@ -201,8 +204,12 @@ def analyse(name, weights, init, args, device):
     clean, viewed, a, path = model_features(weights, init, args, device)
     r_s = args.r_s or getattr(a, 'r_s', None) or 7.0
     out = {'name': name, 'weights': weights, 'init': init, 'loss': getattr(a, 'loss', None), 'val_path': path,
-           'num_images': len(clean['backbone']), 'num_views': args.num_views, 'recipe': args.recipe, 'r_s': r_s}
+           'num_images': len(viewed['backbone']), 'num_spectrum_images': len(clean['backbone']),
+           'num_views': args.num_views, 'recipe': args.recipe, 'r_s': r_s}
     for part, f in clean.items():
+        if f.shape[1] > len(f):
+            print(f"| {name}: warning: {len(f)} images for {f.shape[1]} {part} dimensions: the spectrum's "
+                  f"tail past rank {len(f)} is zero by construction (raise --spectrum_images)")
         out[part] = {'dim': f.shape[1], 'participation_ratio': participation_ratio(f),
                      'effective_rank': effective_rank(f), 'spectrum': collapse_spectrum(f).tolist()}
     gpart = 'projector' if 'projector' in clean else 'backbone'
@@ -336,8 +343,13 @@ def get_args_parser():
                         'the "before pretraining" reference. (default: %(default)s)')
     g = p.add_argument_group('eval')
     g.add_argument('--num_images', type=int, default=1024,
-                   help='First N test images. Packing statistics cost O(N^2) and contact numbers grow '
-                        'with N, so compare models at the same N. (default: %(default)s)')
+                   help='Test images (evenly spaced over the test beton) for the packing statistics, which '
+                        'cost O(N^2) and whose contact numbers grow with N: compare models at the same N. '
+                        '(default: %(default)s)')
+    g.add_argument('--spectrum_images', type=int, default=0,
+                   help='Test images (evenly spaced) for the collapse spectrum, GMM entropy, participation '
+                        'ratio and effective rank; 0 = the whole test set (CPLearn\'s protocol; fewer images '
+                        'than feature dimensions cap the spectrum\'s rank). (default: %(default)s)')
     g.add_argument('--num_views', type=int, default=4,
                    help='Augmented views per image for the packing statistics (CLAMP: 4-16). (default: %(default)s)')
     g.add_argument('--recipe', default=None, choices=list(data.RECIPES),

@@ -15,7 +15,7 @@ block is never updated by the optimizer; the subspace head (+ backbone in stage 
 SGD+LARS (eta 0.02, clipped) on a cosine schedule, the cluster head with plain SGD at lr 0.5.
 Difference (documented): in stage 2 the frozen part runs in eval mode (BN running statistics),
 where the official code leaves it in train mode under no_grad (batch statistics).
-Every epoch the head's clusters on the un-augmented train set (first --eval_samples) are scored
+Every epoch the head's clusters on the un-augmented train set (--eval_samples, evenly spaced) are scored
 (Hungarian ACC, NMI, ARI) into log.txt. Re-running the same command resumes.
 """
 import argparse
@@ -152,11 +152,14 @@ def train_one_epoch(net, loader, opt, opt_c, epoch, args, amp):
 
 @torch.no_grad()
 def evaluate(net, args, res, channels, device, amp):
-    """Cluster-head assignments on the first --eval_samples un-augmented train images -> scores."""
+    """Cluster-head assignments on --eval_samples un-augmented train images, evenly spaced over the
+    beton (the first N of a class-sorted beton would hold one or two classes) -> scores."""
     net.eval()
-    loader = data.build_eval_loader(args.data_path, 512, res, channels=channels, workers=args.workers, device=device)
+    n = data.beton_info(args.data_path)['num_samples']
+    loader = data.build_eval_loader(args.data_path, 512, res, channels=channels, workers=args.workers, device=device,
+                                    indices=data.limit_indices(n, args.eval_samples or None))
     nets = {'backbone': nn.Sequential(net.backbone, net.pre_feature), 'head': net.cluster}
-    feats, y = embed(nets, ((x, y) for x, y, _ in loader), device, amp, args.eval_samples)
+    feats, y = embed(nets, ((x, y) for x, y, _ in loader), device, amp)
     return cluster_scores(y.numpy(), feats['head'].argmax(1).numpy())
 
 
@@ -197,7 +200,7 @@ def get_args_parser():
     g.add_argument('--cluster_weight_decay', type=float, default=5e-3, help='(NMCE: 5e-3). (default: %(default)s)')
     g = p.add_argument_group('eval')
     g.add_argument('--eval_samples', type=int, default=10000,
-                   help='Train images (un-augmented, from the start) the head is scored on each epoch; '
+                   help='Train images (un-augmented, evenly spaced over the beton) the head is scored on each epoch; '
                         '0 = all. (default: %(default)s)')
     g = utils.add_data_args(p, need_train=False)
     g.description = '--data_path defaults to the source run\'s training beton.'

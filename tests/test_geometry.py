@@ -13,6 +13,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from conftest import ROOT
 from test_train import make_idx_dataset, run, write_idx
 
+import data
 import eval_cluster as ec
 import eval_geometry as eg
 import losses
@@ -243,7 +244,7 @@ def test_eval_geometry_end_to_end(tiny, tmp_path):
     assert [m['name'] for m in g['models']] == ['CLAMP (random init)', 'CLAMP', 'CPLearn']
     assert [m['init'] for m in g['models']] == ['random', 'pretrained', 'pretrained']
     for m in g['models']:
-        assert m['num_images'] == 24 and m['num_views'] == 3
+        assert m['num_images'] == 24 and m['num_views'] == 3 and m['num_spectrum_images'] == data.beton_info(tiny['test'])['num_samples']
         assert len(m['backbone']['spectrum']) == 64 and 1 <= m['backbone']['participation_ratio'] <= 64
         assert m['gmm']['components'] == [2, 4] and all(np.isfinite(m['gmm']['mean']))
         pk = m['packing']
