@@ -450,13 +450,17 @@ def train_one_epoch(ddp_model, teacher, loss_fn, optimizer, probe_opt, scaler, l
             bar.set_postfix(loss=f'{sums[0].item() / max(1, counted):.4f}', probe=f'{100 * sums[1].item() / max(1, sums[2].item()):.1f}',
                             lr=f'{lr:.2e}')
         stop_now = STOP['signal'] is not None
-        if ctx['world_size'] > 1:  # every rank must agree to stop at the same step
-            flag = torch.tensor([float(stop_now)], device=ctx['device'])
-            torch.distributed.all_reduce(flag)
+        if ctx['world_size'] > 1:  # every rank must agree to stop at the same step: a CPU flag over
+            flag = torch.tensor([float(stop_now)])  # gloo, so no wait for the GPU's queued kernels
+            torch.distributed.all_reduce(flag, group=ctx['ctrl_group'])
             stop_now = flag.item() > 0
         if stop_now and last:  # the epoch is complete: end it as usual (eval, log, save), then stop
             ctx['stop_after_epoch'] = True
         elif stop_now or (args.ckpt_every_steps and (step + 1) % args.ckpt_every_steps == 0 and not last):
+            # never overwrite the last good checkpoint with weights a non-finite step has reached
+            # (with --nan_policy stop the step was applied; it is read only every --print_freq)
+            if utils.all_reduce_mean(nonfinite.float().reshape(1)).item() > 0:
+                stop_nonfinite(step, it)
             ctx['save'](epoch, it + 1)
             if stop_now:
                 bar.close()
@@ -599,7 +603,8 @@ def main(args):
                                    small_res=args.small_res, small_scale=tuple(args.small_scale),
                                    colour=args.colour_ops)
     ctx = {'device': device, 'world_size': world_size, 'amp': utils.autocast_ctx(args.dtype, device),
-           'num_classes': num_classes, 'ckpt_path': ckpt_path, 'start_batch': start_batch, 'diag_views': None}
+           'num_classes': num_classes, 'ckpt_path': ckpt_path, 'start_batch': start_batch, 'diag_views': None,
+           'ctrl_group': utils.cpu_group() if world_size > 1 else None}
     if args.val_path and args.diag_batch:
         diag = data.build_ssl_loader(args.val_path, args.diag_batch, args.num_views, args.res, recipe=args.recipe,
                                      channels=args.channels, workers=args.workers, seed=args.seed + 12345,

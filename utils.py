@@ -43,6 +43,13 @@ def init_distributed_mode():
     return get_rank(), get_world_size(), local_rank, _device()
 
 
+def cpu_group():
+    """A gloo group over all ranks for small control messages on CPU tensors (stop flags): on NCCL
+    a CUDA flag's all-reduce and .item() would wait for every kernel queued so far, each step.
+    Collective: every rank calls it, once. On gloo it is the default group."""
+    return None if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
+
+
 def _device():
     return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
 

@@ -273,3 +273,24 @@ def test_nan_skip_stops_past_max_skipped_steps(betons, tmp_path):  # noqa: F811
         '--nan_policy', 'skip', '--max_skipped_steps', '0', '--nan_inject_step', '1']), check=False)
     assert p.returncode == 4 and 'Traceback' not in p.stderr, p.stderr[-2000:]
     assert 'non-finite loss at or before step 1' in p.stderr and 'more than --max_skipped_steps 0' in p.stderr
+
+
+# ---- two ranks -----------------------------------------------------------------------------------
+
+def test_two_ranks_preempted_and_resumed_bit_identical(betons, tmp_path):  # noqa: F811
+    """torchrun with 2 gloo ranks (DDP, the sharded loader, the gathered loss, the stop flag every
+    rank must agree on, per-rank RNG in the checkpoint): a run stopped by SIGTERM at step 5 (epoch 1,
+    batch 1) and re-run ends with the weights of an uninterrupted 2-rank run."""
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+    flags = ['--knn_every', '0', '--diag_batch', '0']
+    run(torchrun + ssl_cmd(betons, tmp_path / 'whole', epochs=2, extra=flags))
+    out = tmp_path / 'stopped'
+    p = run(torchrun + ssl_cmd(betons, out, epochs=2, extra=flags + ['--signal_at_step', '5']), check=False)
+    assert p.returncode != 0 and 'preempt' in (p.stdout + p.stderr).lower(), (p.stdout + p.stderr)[-2000:]
+    ck = torch.load(out / 'checkpoint.pth', weights_only=False)
+    assert (ck['epoch'], ck['batch']) == (1, 2) and len(ck['rng']) == 2
+    p = run(torchrun + ssl_cmd(betons, out, epochs=2, extra=flags))
+    assert 'epoch 1, batch 2' in p.stdout
+    assert_same_weights(final_weights(tmp_path / 'whole'), final_weights(out), 'after a 2-rank preemption')
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [0, 1]

@@ -165,10 +165,17 @@ def test_bad_flags_fail_before_the_run_folder_is_written(betons, tmp_path, flags
     assert not (out / 'args.json').exists()
 
 
-def test_nonfinite_loss_stops_with_message(betons, tmp_path):
-    p = run(ssl_cmd(betons, tmp_path / 'ssl', epochs=1, extra=['--knn_every', '0', '--nan_inject_step', '1']),
-            check=False)
+@pytest.mark.parametrize('save_at', [[], ['--ckpt_every_steps', '3'], ['--signal_at_step', '2']],
+                         ids=['epoch', 'ckpt_every_steps', 'preempted'])
+def test_nonfinite_loss_stops_with_message(betons, tmp_path, save_at):
+    """Step 1 is NaN (--nan_policy stop applies it and reads the flag only every --print_freq
+    steps); a mid-epoch save at step 2 (periodic or on a signal) must not write those weights over
+    the last good checkpoint: the run stops with exit 4 instead."""
+    out = tmp_path / 'ssl'
+    p = run(ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--nan_inject_step', '1', '--print_freq', '50']
+                    + save_at), check=False)
     assert p.returncode == 4 and 'non-finite loss' in p.stderr and 'Traceback' not in p.stderr
+    assert not (out / 'checkpoint.pth').exists()  # no good state existed yet: none written
 
 
 def test_eval_rejects_wrong_weights(betons, tmp_path):
