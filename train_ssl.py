@@ -217,6 +217,8 @@ def check_args(args, world_size):
                    f"probabilities): pretrain with --loss tcr, then run the clustering stage")
     if names[0] in ('p', 'q') and not args.pred_dims:
         utils.fail(f"--loss {args.loss} needs a predictor: pass --pred_dims (e.g. 4096-256)")
+    if names[0] not in ('p', 'q') and args.pred_dims:  # DDP would stop at step 2 on its unused parameters
+        utils.fail(f"--loss {args.loss} uses no predictor: drop --pred_dims")
     if ('k' in names or args.loss == 'byol') and not args.ema:  # byol's z_target: the EMA teacher's
         utils.fail(f"--loss {args.loss} compares with a momentum encoder: pass --ema 1"
                    + (" (without it the target is the online network, stop-gradient: --loss simsiam)"

@@ -155,6 +155,7 @@ def test_bad_input_is_one_clear_line(betons, tmp_path, flags, message):
     (['--proj_dims', '32x16'], "--proj_dims '32x16'"),
     (['--recipe', 'nope'], 'invalid choice'),
     (['--loss', 'byol', '--pred_dims', '16'], 'pass --ema 1'),
+    (['--pred_dims', '32-16'], 'uses no predictor'),  # clamp: DDP failed at step 2 on the unused predictor
 ])
 def test_bad_flags_fail_before_the_run_folder_is_written(betons, tmp_path, flags, message):
     """Flags checked up front: one line, and no args.json recorded (a recorded bad value would make
