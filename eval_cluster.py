@@ -133,14 +133,16 @@ def nearest_subspace(train_f, train_y, test_f, n_components=30, center=True):
     train features (PCA around the class mean when center=True; an uncentred SVD, NMCE's
     'TruncatedSVD' variant, when False); a test sample goes to the class whose subspace leaves the
     smallest residual norm. train_f (n, F), train_y (n,), test_f (m, F) -> (m,) predicted classes.
-    Classes with fewer samples than n_components use as many components as they have samples."""
+    A class with fewer samples than n_components keeps only the directions its samples span (n - 1
+    once centred): a further singular vector would be an arbitrary direction orthogonal to the data,
+    and would shrink that class's residuals."""
     train_f, test_f = train_f.double(), test_f.double()
     classes = torch.unique(train_y)
     residuals = []
     for c in classes:
         xc = train_f[train_y == c]
         mean = xc.mean(0) if center else torch.zeros(xc.shape[1], dtype=xc.dtype)
-        k = min(n_components, len(xc), xc.shape[1])
+        k = min(n_components, len(xc) - (1 if center else 0), xc.shape[1])
         basis = torch.linalg.svd(xc - mean, full_matrices=False).Vh[:k].T  # (F, k) orthonormal
         y = test_f - mean
         residuals.append((y - (y @ basis) @ basis.T).norm(dim=1))

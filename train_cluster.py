@@ -288,10 +288,11 @@ def main(args):
         state = {'model': net.state_dict(), 'optimizer': opt.state_dict(), 'optimizer_c': opt_c.state_dict(),
                  'epoch': epoch + 1, 'cluster_head': True, 'rng': utils.rng_state(), 'args': vars(args),
                  'source_args': vars(src)}
-        utils.save_on_master(state, ckpt_path)
         stats = {'epoch': epoch, **{f'train_{k}': v for k, v in train.items()},
                  **{f'train_cluster_{k}': v for k, v in scores.items()}, 'elapsed_s': timer()}
+        # log before saving: a kill in between repeats this epoch's line rather than losing it
         utils.log_stats(args.output_dir, stats)
+        utils.save_on_master(state, ckpt_path)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
     print(f"| done; score the head with: python eval_cluster.py --weights {args.output_dir} --assign head")
 

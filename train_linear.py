@@ -112,6 +112,19 @@ def check_args(args, world_size):
 
 # ---- features ----------------------------------------------------------------------------------
 
+def data_fingerprint(d, with_features):
+    """What a run trains and is scored on, checked when it resumes: per split the size and the label
+    sum, and with --load_features the float64 sum of the features too (--load_features may name
+    another file on a re-run: without this, epochs of two feature sets would mix in one run)."""
+    out = []
+    for split in ('train', 'val', 'test'):
+        x, y = d[split]
+        out += [len(y), int(torch.as_tensor(y).long().sum())]
+        if with_features:
+            out.append(float(torch.as_tensor(x).double().sum()))
+    return out
+
+
 def prepare_data(args, info, net, device, amp):
     """-> dict: the train source (cached: features and labels; rrc-flip: the train split's beton
     indices and labels, images are streamed later), the fixed val/test features, the held-out
@@ -299,6 +312,7 @@ def main(args):
     (tr_x, tr_y), (va_f, va_y), (te_f, te_y) = d['train'], d['val'], d['test']
     num_classes = d['num_classes'] or int(max(tr_y.max(), te_y.max())) + 1
     dim = te_f.shape[1]
+    fingerprint = data_fingerprint(d, with_features=bool(args.load_features))
     if utils.is_main_process():
         utils.atomic_write_text(os.path.join(args.output_dir, 'val_indices.txt'),
                                 ''.join(f'{i}\n' for i in d['val_idx'].tolist()))
@@ -318,6 +332,10 @@ def main(args):
         heads.load_state_dict(ck['heads'])
         optimizer.load_state_dict(ck['optimizer'])
         start_epoch, history = ck['epoch'], ck['history']
+        if ck.get('data', fingerprint) != fingerprint:
+            utils.fail(f"{ckpt_path} was trained on other data than this run's (size, label sum[, feature sum] "
+                       f"of train/val/test: {ck['data']} vs {fingerprint}; another --load_features file?): use "
+                       f"another --output_dir")
         utils.set_rng_state(ck['rng'])
         print(f"| resumed from {ckpt_path}: epoch {start_epoch}")
     ddp_heads = nn.parallel.DistributedDataParallel(heads, device_ids=[local_rank] if device.type == 'cuda' else None)
@@ -338,9 +356,11 @@ def main(args):
                'val_top5': dict(zip(keys, v5)), 'test_top1': dict(zip(keys, t1)), 'test_top5': dict(zip(keys, t5)),
                'num_val': len(va_y), 'num_test': len(te_y), 'train_time_s': stats['time_s'], 'elapsed_s': timer()}
         history.append(row)
-        utils.save_on_master({'heads': heads.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
-                              'history': history, 'rng': utils.rng_state(), 'args': vars(args)}, ckpt_path)
+        # log before saving: a kill in between repeats this epoch's line rather than losing it
         utils.log_stats(args.output_dir, row)
+        utils.save_on_master({'heads': heads.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
+                              'history': history, 'rng': utils.rng_state(), 'data': fingerprint,
+                              'args': vars(args)}, ckpt_path)
         best_val = max(v1) if v1 else float('nan')
         print(f"epoch {epoch}: loss {min(stats['loss'].values()):.4f} | best val top-1 over lrs {best_val:.2f} | "
               f"test top-1 "

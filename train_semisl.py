@@ -332,10 +332,11 @@ def main(args):
             final = evaluate(model, test_loader, device, amp)
             row['test_top1'], row['test_top5'], row['num_test'] = final
         row['elapsed_s'] = timer()
+        # log before saving: a kill in between repeats this epoch's line rather than losing it
+        utils.log_stats(args.output_dir, row)
         utils.save_on_master({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                               'scaler': scaler.state_dict(), 'epoch': epoch + 1, 'rng': utils.rng_state(),
                               'args': vars(args)}, ckpt_path)
-        utils.log_stats(args.output_dir, row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
 
     if start_epoch == args.epochs:  # a finished run, re-run: the same number again, not logged twice

@@ -200,6 +200,22 @@ def test_linear_head_reaches_100_on_separable_cache(tmp_path):
     assert r['protocol'] == 'cached-centre-crop' and r['backbone_unchanged'] is None
 
 
+def test_linear_resume_refuses_another_features_file(tmp_path, capsys):
+    """--load_features is free to change on a re-run (a moved file), its content is not: epochs of
+    two feature sets must not mix in one run."""
+    import train_linear
+    torch.save({'train': separable_features(10), 'test': separable_features(4, seed=1)}, tmp_path / 'a.pth')
+    torch.save({'train': separable_features(10, seed=2), 'test': separable_features(4, seed=3)}, tmp_path / 'b.pth')
+    common = ['--output_dir', tmp_path / 'lin', '--epochs', '2', '--lr', '0.1', '--batch_size', '16', '--dtype', 'float32']
+    call_main(train_linear, ['--load_features', tmp_path / 'a.pth', '--stop_at_epoch', '1'] + common)
+    os.rename(tmp_path / 'a.pth', tmp_path / 'a_moved.pth')
+    with pytest.raises(SystemExit):
+        call_main(train_linear, ['--load_features', tmp_path / 'b.pth'] + common)
+    assert 'other data' in capsys.readouterr().err
+    r = call_main(train_linear, ['--load_features', tmp_path / 'a_moved.pth'] + common)  # same content: resumes
+    assert r['num_test'] == 16 and 'resumed from' in capsys.readouterr().out
+
+
 def test_linear_refuses_lr_grid_without_validation(tmp_path, capsys):
     import train_linear
     torch.save({'train': separable_features(4), 'test': separable_features(2)}, tmp_path / 'f.pth')
