@@ -76,7 +76,7 @@ class MLP(nn.Sequential):
     `last_bn` puts a BatchNorm (affine-free if `last_bn_affine` is False) after the last Linear;
     `out_act` 'tanh' ends with tanh (CPLearn's projector: tanh(BN(Linear)))."""
 
-    def __init__(self, in_dim, spec, bn=True, bias=True, last_bn=False, out_act='none'):
+    def __init__(self, in_dim, spec, bn=True, bias=True, last_bn=False, out_act='none', last_bn_affine=True):
         dims = parse_dims(spec)
         if not dims:
             raise ValueError('models: an MLP needs at least one width')
@@ -86,7 +86,7 @@ class MLP(nn.Sequential):
             use_bn = (bn and not last) or (last and last_bn)
             layers.append(nn.Linear(d, h, bias=bias and not use_bn))
             if use_bn:
-                layers.append(nn.BatchNorm1d(h))
+                layers.append(nn.BatchNorm1d(h, affine=last_bn_affine or not last))
             if not last:
                 layers.append(nn.ReLU(inplace=True))
             d = h
@@ -139,7 +139,8 @@ def build_model(args):
     projector = None
     if args.proj_dims:
         projector = MLP(backbone.num_features, args.proj_dims, bn=args.proj_bn, bias=args.proj_bias,
-                        last_bn=args.proj_last_bn, out_act=args.proj_out_act)
+                        last_bn=args.proj_last_bn, out_act=args.proj_out_act,
+                        last_bn_affine=getattr(args, 'proj_last_bn_affine', True))
     predictor = None
     if getattr(args, 'pred_dims', ''):
         out_dim = projector.out_dim if projector is not None else backbone.num_features

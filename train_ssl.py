@@ -73,7 +73,11 @@ def get_args_parser():
     g.add_argument('--proj_bias', type=utils.str2bool, default=True, help='Bias in projector Linear layers '
                    '(MMCR: 0). (default: %(default)s)')
     g.add_argument('--proj_last_bn', type=utils.str2bool, default=False,
-                   help='BatchNorm after the last projector layer (CPLearn, Barlow Twins). (default: %(default)s)')
+                   help='BatchNorm after the last projector layer (CPLearn, Barlow Twins, MoCo v3, SimSiam). '
+                        '(default: %(default)s)')
+    g.add_argument('--proj_last_bn_affine', type=utils.str2bool, default=True,
+                   help='That last BatchNorm learns a scale and shift (0: affine-free, as solo-learn\'s MoCo v3 '
+                        'and SimSiam projectors). (default: %(default)s)')
     g.add_argument('--proj_out_act', default='none', choices=['none', 'tanh'],
                    help='Activation after the projector (CPLearn: tanh). (default: %(default)s)')
     g.add_argument('--pred_dims', default='', help="Predictor widths after the projector (BYOL: 4096-256); '' for none.")

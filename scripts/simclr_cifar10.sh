@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SimCLR, CIFAR-10, ResNet-18 (solo-learn recipe, SPEC §6): LARS 0.4, tau 0.2, projector 2048-256, wd 1e-4.
 source "$(dirname "$0")/common.sh"
-$RUN train_ssl.py $CIFAR10 --loss simclr --forward_views separately --temperature 0.2 --num_views 2 --recipe cifar_strong --proj_dims 2048-256 --proj_bn 1 \
+$RUN train_ssl.py $CIFAR10 --loss simclr --forward_views separately --temperature 0.2 --num_views 2 --recipe cifar_strong --proj_dims 2048-256 \
   --batch_size 256 --optimizer lars --blr 0.4 --lars_eta 0.02 --lars_clip 1 --weight_decay 1e-4 --warmup_epochs 10 --epochs 1000 \
   --output_dir $OUT/simclr_cifar10 "$@"

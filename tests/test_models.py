@@ -80,3 +80,15 @@ def test_forward_views_separately_keeps_bn_statistics_per_view():
     together.load_state_dict(sep.state_dict())  # same running statistics
     sep.eval(), together.eval()
     torch.testing.assert_close(sep(x)['z'], together(x)['z'])
+
+
+def test_mlp_affine_free_last_bn():
+    """--proj_last_bn_affine 0 (solo-learn's MoCo v3 and SimSiam projectors): the last BatchNorm has
+    no scale or shift, the hidden ones keep theirs; in train mode the output is standardised."""
+    from models import MLP
+    m = MLP(8, '16-4', bn=True, last_bn=True, last_bn_affine=False).train()
+    bns = [x for x in m if isinstance(x, torch.nn.BatchNorm1d)]
+    assert [b.affine for b in bns] == [True, False]
+    y = m(torch.randn(64, 8) * 3 + 1)
+    torch.testing.assert_close(y.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    assert 'bias' not in dict(bns[1].named_parameters())
