@@ -177,6 +177,81 @@ def ssl_batches(path, epochs=1, **kw):
     return ld, [[(_clone(v), y.clone()) for v, y in ld] for _ in range(epochs)]
 
 
+# ---- statistics of the augmentation laws (SPEC §7, torchvision.transforms.v2) ----
+# Every draw below is a fixed function of a seed, so these tests are deterministic; the bounds
+# are still set where a correct law passes with a wide margin: Kolmogorov-Smirnov distances at 3x
+# the 5 % critical value 1.36 / sqrt(n) (a correct law exceeds it with probability ~1e-14),
+# chi-square of the 24 orders below 80 (23 degrees of freedom: mean 23, sd 6.8), rates within 5
+# binomial standard deviations (exact where the probability is 0 or 1).
+
+LOG_R = (np.log(3 / 4), np.log(4 / 3))
+
+
+def ks_uniform(x, lo, hi):
+    """Kolmogorov-Smirnov distance between the sample x and the uniform law on [lo, hi]."""
+    u = np.sort((np.asarray(x, np.float64) - lo) / (hi - lo))
+    k = np.arange(1, len(u) + 1) / len(u)
+    return max((k - u).max(), (u - k + 1 / len(u)).max())
+
+
+def ks_two(a, b):
+    """Two-sample Kolmogorov-Smirnov distance (ties handled: ECDFs compared at every value)."""
+    a, b = np.sort(np.asarray(a, np.float64)), np.sort(np.asarray(b, np.float64))
+    x = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, x, 'right') / len(a)
+                  - np.searchsorted(b, x, 'right') / len(b)).max()
+
+
+def ks_bound(n, m=None):
+    """3x the 5 % critical value of the one-sample (m None) or two-sample KS distance."""
+    return 3 * 1.36 / np.sqrt(n if m is None else n * m / (n + m))
+
+
+def rate_tol(p, n):
+    """5 binomial standard deviations of a rate p measured on n draws (0 when p is 0 or 1)."""
+    return 5 * np.sqrt(p * (1 - p) / n)
+
+
+def order_chi2(order):
+    """Chi-square of the counts of the 24 orders of the 4 jitter ops (each row a permutation of
+    0..3; every one of the 24 must occur)."""
+    order = np.asarray(order)
+    assert (np.sort(order, 1) == np.arange(4)).all(), 'an order is not a permutation of the 4 ops'
+    _, counts = np.unique(order @ (4 ** np.arange(4)), axis=0, return_counts=True)
+    assert len(counts) == 24, f'only {len(counts)} of the 24 orders occur'
+    e = len(order) / 24
+    return float(((counts - e) ** 2 / e).sum())
+
+
+def check_colour_law(p, spec, what):
+    """Assert that the parameters p (sample_params' layout, n views of one type) follow SPEC §7 /
+    torchvision's ColorJitter + RandomGrayscale + GaussianBlur + solarize for ColourSpec spec:
+    each jitter factor uniform on [max(0, 1 - s), 1 + s] (hue on [-h, h]), the 4 ops in one of
+    the 24 orders uniformly, sigma uniform on blur_sigma, the jitter/gray/blur/solarize rates,
+    and all of these independent (pairwise correlations ~0)."""
+    p = {k: np.asarray(v) for k, v in p.items()}
+    n = len(p['jitter'])
+    b, c, s, h = spec.jitter
+    laws = [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
+    for k, (lo, hi) in enumerate(laws):
+        f = p['factors'][:, k]
+        assert lo - 1e-6 <= f.min() and f.max() <= hi + 1e-6, (what, 'bcsh'[k], f.min(), f.max())
+        d = ks_uniform(f, lo, hi)
+        assert d < ks_bound(n), (what, 'bcsh'[k], d)
+    lo, hi = spec.blur_sigma
+    assert lo - 1e-6 <= p['sigma'].min() and p['sigma'].max() <= hi + 1e-6, what
+    assert ks_uniform(p['sigma'], lo, hi) < ks_bound(n), (what, 'sigma', ks_uniform(p['sigma'], lo, hi))
+    assert order_chi2(p['order']) < 80, (what, 'order', order_chi2(p['order']))
+    for name, prob in (('jitter', spec.jitter_prob), ('gray', spec.gray_prob),
+                       ('blur', spec.blur_prob), ('solarize', spec.solarize_prob)):
+        rate = p[name].astype(np.float64).mean()
+        assert abs(rate - prob) <= rate_tol(prob, n), (what, name, rate, prob)
+    cols = [p['factors'][:, k] for k in range(4)] + [p['sigma'], p['order'][:, 0]]
+    cols += [p[k] for k in ('jitter', 'gray', 'blur', 'solarize') if 0 < p[k].mean() < 1]
+    corr = np.corrcoef(np.stack(cols).astype(np.float64)) - np.eye(len(cols))
+    assert np.abs(corr).max() < 5 / np.sqrt(n), (what, 'correlated draws', np.abs(corr).max())
+
+
 # ---- writers and sidecars ----
 
 def test_idx_round_trip_exact(betons):
@@ -343,6 +418,79 @@ def test_crops_not_square():
         assert 0 < h <= 64 and 0 < w <= 64 and 3 / 4 - 0.1 < w / h < 4 / 3 + 0.1
 
 
+def rrc_boxes(h, w, n, scale=(0.08, 1.0), seed=0, view=0):
+    """(n, 4) int boxes (top, left, height, width) of _rrc_box for samples 0..n-1."""
+    key = data._epoch_key(seed, 0)
+    return np.array([data._rrc_box(key, s, view, h, w, *scale, *LOG_R) for s in range(n)])
+
+
+def torchvision_boxes(h, w, n, scale=(0.08, 1.0), seed=0):
+    """(n, 4) boxes (i, j, h, w) of torchvision's own RandomResizedCrop sampling."""
+    from torchvision.transforms import RandomResizedCrop
+    img = torch.empty(1, h, w)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return np.array([RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+                         for _ in range(n)])
+
+
+def test_rrc_box_area_ratio_position_laws():
+    """_rrc_box where no draw is rejected (area <= 0.7 of a 2000 px square: area * ratio < 1), so
+    the laws show unconditioned: area fraction uniform on [smin, smax] (not its side), log aspect
+    ratio uniform on [log 3/4, log 4/3] (not the ratio), top and left uniform over the valid
+    positions (not a corner, not the centre), all independent; no centre fallback."""
+    h = w = 2000
+    n = 20000
+    i, j, ch, cw = rrc_boxes(h, w, n, (0.08, 0.7)).T
+    area, log_ratio = ch * cw / (h * w), np.log(cw / ch)
+    top, left = (i + 0.5) / (h - ch + 1), (j + 0.5) / (w - cw + 1)  # uniform on (0, 1)
+    assert (i >= 0).all() and (i + ch <= h).all() and (j >= 0).all() and (j + cw <= w).all()
+    assert 0.08 - 1e-3 < area.min() and area.max() < 0.7 + 1e-3
+    assert LOG_R[0] - 1e-2 < log_ratio.min() and log_ratio.max() < LOG_R[1] + 1e-2
+    bound = ks_bound(n)
+    for name, x, lo, hi in (('area', area, 0.08, 0.7), ('log ratio', log_ratio, *LOG_R),
+                            ('top', top, 0, 1), ('left', left, 0, 1)):
+        d = ks_uniform(x, lo, hi)
+        assert d < bound, (name, d, bound)
+    corr = np.corrcoef(np.stack([area, log_ratio, top, left])) - np.eye(4)
+    assert np.abs(corr).max() < 5 / np.sqrt(n), corr
+    # other samples and views draw other boxes (the hash sees both)
+    other = rrc_boxes(h, w, 200, (0.08, 0.7), view=1)
+    assert (other != np.stack([i, j, ch, cw], 1)[:200]).any(1).mean() > 0.95
+
+
+@pytest.mark.parametrize('h,w', [(240, 320), (50, 200)])
+def test_rrc_box_matches_torchvision(h, w):
+    """Default scale (0.08, 1): rejected tries condition the accepted boxes, so compare with
+    torchvision's own RandomResizedCrop.get_params on the same image: two-sample KS of area
+    fraction, log aspect ratio, top, left, height and width, and the same rate of centre-crop
+    fallbacks after 10 failed tries (50 x 200: ~81 % of tries fail, ~13 % of boxes fall back;
+    fewer tries fall back more often, more tries less)."""
+    n = 4000
+    ours, ref = rrc_boxes(h, w, n), torchvision_boxes(h, w, n)
+    stats = lambda b: dict(area=b[:, 2] * b[:, 3] / (h * w), log_ratio=np.log(b[:, 3] / b[:, 2]),
+                           top=b[:, 0], left=b[:, 1], height=b[:, 2], width=b[:, 3])
+    so, sr = stats(ours), stats(ref)
+    for k in so:
+        d = ks_two(so[k], sr[k])
+        assert d < ks_bound(n, n), (k, d, ks_bound(n, n))
+    fallback = tuple(torchvision_boxes(h, w, 1, scale=(2.0, 3.0))[0])  # every try fails
+    f_ours, f_ref = (ours == fallback).all(1).mean(), (ref == fallback).all(1).mean()
+    assert abs(f_ours - f_ref) <= 5 * np.sqrt(2 * f_ref * (1 - f_ref) / n) + 1e-3, (f_ours, f_ref)
+
+
+def test_rrc_box_fallback():
+    """After 10 failed tries: torchvision's centre crop with the ratio clamped to [3/4, 4/3] (a very
+    wide or very tall image), or the whole image (an area range beyond the image)."""
+    key = data._epoch_key(0, 0)
+    cases = [((10, 1000, 0.08, 1.0), (0, 493, 10, 13)), ((1000, 10, 0.08, 1.0), (493, 0, 13, 10)),
+             ((30, 40, 1.5, 2.0), (0, 0, 30, 40)), ((64, 200, 1.5, 2.0), (0, 57, 64, 85))]
+    for (h, w, smin, smax), box in cases:
+        assert tuple(torchvision_boxes(h, w, 1, (smin, smax))[0]) == box  # the reference
+        for s in range(20):
+            assert data._rrc_box(key, s, s % 3, h, w, smin, smax, *LOG_R) == box, (h, w, smin, smax)
+
+
 def test_channels_gray_and_rgb(betons):
     _, (b1,) = ssl_batches(betons['idx'], recipe='crop', channels=1)
     _, (b3,) = ssl_batches(betons['idx'], recipe='crop', channels=3)
@@ -447,6 +595,88 @@ def test_multi_crop_two_sizes_from_one_decode(betons):
         data.build_ssl_loader(betons['idx'], 8, 2, 12, small_views=2, small_res=20)
     with pytest.raises(ValueError, match='small'):
         data.build_ssl_loader(betons['idx'], 8, 2, 12, recipe='noise', small_views=2, small_res=6)
+
+
+@pytest.mark.parametrize('colour,T,V,K,decode_once', [
+    ('decoder', 2, 4, 3, True), ('decoder', 3, 5, 0, True), ('decoder', 2, 3, 0, False),
+    ('torch', 2, 4, 3, True), ('torch', 3, 5, 0, True)])
+def test_loader_view_types_as_applied(betons, monkeypatch, colour, T, V, K, decode_once):
+    """Through the SSL loader, view v gets view type v % T and small (multi-crop) view k type
+    k % T, in both colour paths, read off the outputs: with type 0 = grayscale p 1 and the other
+    types identity, exactly the views of type 0 of the RGB images come out gray."""
+    specs = [data.ColourSpec(gray_prob=1.0)] + [data.ColourSpec()] * (T - 1)
+    monkeypatch.setattr(data, 'recipe_specs', lambda *a, **kw: specs)
+    kw = dict(small_views=K, small_res=6) if K else {}
+    ld, (batches,) = ssl_batches(betons['folder'], batch_size=4, num_views=V, colour=colour,
+                                 decode_once=decode_once, **kw)
+    for views, _ in batches:
+        for x in (views if K else [views]):
+            px = unnormalise(x, ld.info, 3)  # (B, n, 3, h, w) in grey levels
+            gray = (px.amax(2) - px.amin(2)).amax((2, 3)) < 0.05
+            assert gray.tolist() == [[v % T == 0 for v in range(x.shape[1])]] * x.shape[0]
+
+
+@pytest.mark.parametrize('decode_once', [True, False])
+def test_decoder_imagenet_types_by_view_index(betons, monkeypatch, decode_once):
+    """The 'imagenet' recipe in the decoder, as drawn for each view the loader cuts: view v gets
+    table row v % 2 (A, B, A, B), so views 0 and 2 are always blurred and never solarized, views
+    1 and 3 blurred ~10 % and solarized ~20 % of the time."""
+    table = data.colour_table(data.recipe_specs('imagenet'))
+    drawn, colour_params = [], data._colour_params
+
+    def spy(key, s, view, p):
+        q = colour_params(key, s, view, p)
+        drawn.append((view, p.copy(), q))
+        return q
+
+    monkeypatch.setattr(data, '_colour_params', spy)
+    monkeypatch.setattr(data, '_apply_colour', lambda o, cs, q, radius, flip=False: None)  # fast
+    ld = data.build_ssl_loader(betons['idx'], 8, 4, 12, recipe='imagenet', workers=1, seed=3,
+                               colour='decoder', decode_once=decode_once)
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        assert len([v for v, _ in ld]) == len(ld)
+    assert len(drawn) == 3 * 4 * N_IDX
+    for view, p, _ in drawn:
+        assert np.array_equal(p, table[view % 2]), view
+    for v in range(4):
+        q = np.stack([q for view, _, q in drawn if view == v])
+        blur, sol = (q[:, 10] > 0).mean(), (q[:, 12] > 0).mean()
+        if v % 2 == 0:
+            assert blur == 1.0 and sol == 0.0, (v, blur, sol)
+        else:
+            assert 0 < blur < 0.25 and 0.07 < sol < 0.35, (v, blur, sol)
+
+
+def test_decoder_flip_rate(betons):
+    """Horizontal flip p 0.5, drawn per view (independently across an image's views) and applied
+    in every decoder path: large and small (multi-crop) views without colour ops (as with
+    colour='torch', whose ViewAugment never flips), and views whose flip rides on the decoder's
+    colour pass. Seen in the outputs: the 'idx' images are ramps, so a view's mean left-right
+    step has the sign of its image's unless the view is mirrored (jitter/gray keep the sign)."""
+    slope = np.diff(betons['idx_images'].astype(np.float64), axis=2).mean((1, 2))  # levels / px
+    info = data.beton_info(betons['idx'])
+    runs = [dict(recipe='crop', num_views=4, small_views=4, small_res=8, epochs=3),
+            dict(recipe='cifar', colour='decoder', num_views=4, epochs=1)]
+    for kw in runs:
+        _, epochs = ssl_batches(betons['idx'], channels=1, **kw)
+        for g in range(2 if 'small_views' in kw else 1):
+            flips, decided = [], []
+            for views, y in (b for batches in epochs for b in batches):
+                x = views[g] if isinstance(views, list) else views
+                px = unnormalise(x, info, 1)[:, :, 0]  # (B, V, h, w)
+                step = (px[..., 1:] - px[..., :-1]).mean((2, 3)).numpy()
+                steep = np.abs(slope[y.numpy()]) >= 0.5
+                flips.append((np.sign(step) != np.sign(slope[y.numpy()])[:, None])[steep])
+                decided.append((np.abs(step) > 0.02)[steep])
+            flips, decided = np.concatenate(flips), np.concatenate(decided)
+            assert decided.mean() > 0.9, (kw, g, decided.mean())
+            n = decided.sum()
+            rate = flips[decided].mean()
+            assert abs(rate - 0.5) <= rate_tol(0.5, n), (kw, g, rate, n)
+            whole = decided.all(1)  # images whose 4 views all show their orientation
+            same = (flips[whole] == flips[whole][:, :1]).all(1).mean()
+            assert whole.sum() >= 20 and same < 0.35, (kw, g, same)  # independent: 1/8
 
 
 def test_input_buffers_reused_only_when_released():
@@ -639,6 +869,73 @@ def test_view_augment_parameter_rates():
     assert aug.view_types(4) == [0, 1, 0, 1]
 
 
+@pytest.mark.parametrize('recipe', ['imagenet', 'cifar', 'cifar_strong'])
+def test_view_augment_colour_law(recipe):
+    """ViewAugment.sample_params, every view type of the recipe: the full law of SPEC §7 (KS of
+    each jitter factor and of sigma against their uniform laws, chi-square of the 24 op orders,
+    exact rates, independence); the 'imagenet' types are A (blur 1, no solarize) then B (blur 0.1,
+    solarize 0.2), both jitter (0.4, 0.4, 0.2, 0.1) p 0.8 and gray p 0.2."""
+    specs = data.recipe_specs(recipe)
+    if recipe == 'imagenet':
+        j = (0.4, 0.4, 0.2, 0.1)
+        assert [(sp.jitter, sp.jitter_prob, sp.gray_prob, sp.blur_prob, sp.solarize_prob)
+                for sp in specs] == [(j, 0.8, 0.2, 1.0, 0.0), (j, 0.8, 0.2, 0.1, 0.2)]
+    else:
+        j = (0.4, 0.4, 0.4, 0.1) if recipe == 'cifar' else (0.8, 0.8, 0.8, 0.2)
+        assert [(sp.jitter, sp.jitter_prob, sp.gray_prob) for sp in specs] == [(j, 0.8, 0.2)]
+    assert all(sp.blur_sigma == (0.1, 2.0) for sp in specs)
+    g = torch.Generator().manual_seed(11)
+    for t, spec in enumerate(specs):
+        check_colour_law(data.ViewAugment.sample_params(40000, spec, g), spec, (recipe, t))
+
+
+@pytest.mark.parametrize('T,V', [(2, 4), (2, 5), (3, 4), (3, 6)])
+def test_view_augment_view_types_as_applied(T, V):
+    """forward applies spec v % T to view v (also when V % T != 0), read off its outputs: with
+    type 0 = solarize p 1, type 1 = gray p 1, type 2 = identity and inputs in [0.6, 1], a view is
+    solarized (all < 0.5), gray (equal channels, >= 0.6) or untouched."""
+    specs = [data.ColourSpec(solarize_prob=1.0), data.ColourSpec(gray_prob=1.0),
+             data.ColourSpec()][:T]
+    x = 0.6 + 0.4 * torch.rand(6, V, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    y = data.ViewAugment(specs)(x, torch.Generator().manual_seed(1))
+    solarized = (y < 0.5).all(4).all(3).all(2)
+    gray = ((y[:, :, 0] == y[:, :, 1]) & (y[:, :, 1] == y[:, :, 2])).all(3).all(2) & (y >= 0.6).all(4).all(3).all(2)
+    same = (y == x).all(4).all(3).all(2)
+    kind = torch.stack([solarized, gray, same], -1)  # (B, V, 3): which of the 3 effects
+    assert (kind.sum(-1) == 1).all()
+    assert kind.int().argmax(-1).tolist() == [[v % T for v in range(V)]] * 6
+
+
+def test_view_augment_imagenet_types_by_view_index(monkeypatch):
+    """The 'imagenet' recipe through forward, as applied: the parameters that forward hands to
+    apply for each view (rows identified by their content) give view 0, 2 (type A) blur always
+    and no solarize, view 1, 3 (type B) blur 0.1 and solarize 0.2; each view exactly once."""
+    B, V = 3000, 4
+    code = ((torch.arange(B * V, dtype=torch.float32) + 1) / (B * V + 1)).view(B, V, 1, 1, 1)
+    x = code.expand(B, V, 3, 2, 2).contiguous()
+    seen = {}
+
+    def spy(xs, p, spec, generator=None, inplace=False):
+        k = ((xs[:, 0, 0, 0].double() * (B * V + 1)).round().long() - 1).tolist()
+        for r, kk in enumerate(k):
+            assert kk not in seen
+            seen[kk] = (bool(p['blur'][r]), bool(p['solarize'][r]), spec)
+        return xs
+
+    specs = data.recipe_specs('imagenet')
+    monkeypatch.setattr(data.ViewAugment, 'apply', staticmethod(spy))
+    data.ViewAugment(specs)(x, torch.Generator().manual_seed(2))
+    assert sorted(seen) == list(range(B * V))
+    for v in range(V):
+        blur, sol, spec = zip(*(seen[b * V + v] for b in range(B)))
+        assert all(sp is specs[v % 2] for sp in spec), v
+        blur, sol = np.mean(blur), np.mean(sol)
+        if v % 2 == 0:
+            assert blur == 1.0 and sol == 0.0, (v, blur, sol)
+        else:
+            assert abs(blur - 0.1) <= rate_tol(0.1, B) and abs(sol - 0.2) <= rate_tol(0.2, B), (v, blur, sol)
+
+
 def _decoder_params(spec_row, n, view, seed=0):
     """The decoder path's parameters of n samples (hash draws), in sample_params' layout."""
     key = data._epoch_key(seed, 0)
@@ -649,12 +946,22 @@ def _decoder_params(spec_row, n, view, seed=0):
                 solarize=torch.from_numpy(q[:, 12] > 0)), q
 
 
-def test_decoder_colour_parameter_rates():
+N_DECODER = 10000  # hash draws per view type (plain Python: ~0.35 ms each)
+
+
+@pytest.fixture(scope='module')
+def decoder_colour_draws():
+    """The decoder's colour parameters of samples 0..N_DECODER-1 for view 0 (type A) and view 1
+    (type B) of the 'imagenet' recipe, in sample_params' layout."""
+    table = data.colour_table(data.recipe_specs('imagenet'))
+    return [_decoder_params(table[v], N_DECODER, v)[0] for v in (0, 1)]
+
+
+def test_decoder_colour_parameter_rates(decoder_colour_draws):
     """The decoder path (colour='decoder') draws from the distribution of ViewAugment.sample_params:
     exact per-view probabilities, factor ranges, uniform op order; view types A/B of 'imagenet'."""
-    table = data.colour_table(data.recipe_specs('imagenet'))
-    n, tol = 20000, 0.012
-    (pa, _), (pb, _) = _decoder_params(table[0], n, 0), _decoder_params(table[1], n, 1)
+    pa, pb = decoder_colour_draws
+    n, tol = N_DECODER, 0.015
     for p in (pa, pb):
         assert abs(p['gray'].float().mean() - 0.2) < tol
         assert abs(p['jitter'].float().mean() - 0.8) < tol
@@ -671,6 +978,18 @@ def test_decoder_colour_parameter_rates():
     both = (pa['gray'] & pa['jitter']).float().mean()
     assert abs(both - 0.16) < tol
     assert data.colour_table(data.recipe_specs('crop')) is None
+
+
+def test_decoder_colour_law(decoder_colour_draws):
+    """The decoder's _colour_params, both 'imagenet' view types: the full law of SPEC §7 (as
+    test_view_augment_colour_law for the torch path: KS of each factor and of sigma, the 24
+    orders, exact rates, independence), and view 0's draws independent of view 1's."""
+    specs = data.recipe_specs('imagenet')
+    pa, pb = decoder_colour_draws
+    for t, p in enumerate((pa, pb)):
+        check_colour_law(p, specs[t], ('decoder', t))
+    both = np.corrcoef(np.concatenate([pa['factors'], pb['factors']], 1).T.astype(np.float64))
+    assert np.abs(both[:4, 4:]).max() < 5 / np.sqrt(N_DECODER)  # views draw independently
 
 
 def test_decoder_colour_ops_equal_torch_ops():
