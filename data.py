@@ -896,19 +896,49 @@ def _apply_colour(o, scratch, q, max_radius, flip=False):
     _planar_to_u8(x, src, npix, planes, sol)
 
 
-# ---- crop resize: OpenCV's INTER_AREA, 3.5-5x faster --------------------------------------------
-# Every crop that shrinks along both axes (most RandomResizedCrops of ImageNet-size storage) went
-# through libffcv's cv::resize(INTER_AREA), whose fractional-scale path is scalar C++ (0.7-1.3 ms
-# per 224 px view from a 448 px image; bench/decoder_ops.py). The same area weights (OpenCV's
-# computeResizeAreaTab), applied rows first (contiguous, vectorised) then columns, give its output
-# to within 1 grey level on ~0.1 % of the values (float summation order; bench/decoder_ops.py
-# measures both); crops that grow along an axis stay with libffcv.
+# ---- crop resize: torchvision's antialiased bilinear (default) or OpenCV's INTER_AREA -------------
+# One separable resampler, rows first (contiguous, vectorised) then columns, with either weights:
+# - 'bilinear' (default): torchvision's resize(antialias=True), i.e. what RandomResizedCrop and
+#   Resize do in torchvision v2 and PIL's BILINEAR: a triangle of half-width max(1, scale) source
+#   pixels. Upsampling (almost every CIFAR crop: 32 px crops of 32 px images) is plain bilinear.
+# - 'area': stock FFCV's cv::resize(INTER_AREA). Upsampling with it is a box filter, i.e. nearest
+#   neighbour at integer factors (a 16 px crop to 32 px repeats each pixel twice): not the
+#   RandomResizedCrop of SPEC §7. Kept for comparisons with FFCV (--interpolation area). Its
+#   shrinking crops use OpenCV's area weights (computeResizeAreaTab) here, 3.5-5x faster than
+#   libffcv's scalar call and within 1 grey level of it (bench/decoder_ops.py); growing ones go to
+#   libffcv.
 
 def area_scratch_size(res, max_h, max_w):
-    """float32 scratch that _area_resize needs for res x res views of images <= max_h x max_w
-    (about max_h + max_w + 4 res + 3 max_w)."""
+    """float32 scratch the crop resize needs for outputs of side <= res from images <= max_h x
+    max_w, either kind of weights: th taps of <= 2 ceil(ch / th) + 1 weights (<= 2 max_h + 3 res
+    floats), the same across, and one source row padded by 3 kx <= 3 (2 max_w + 1) floats."""
     res, max_h, max_w = int(res), int(max_h), int(max_w)  # a field's shape may hold uint64
-    return res * ((max_h + res - 1) // res + 1) + res * ((max_w + res - 1) // res + 1) + 3 * max_w
+    return (2 * max_h + 3 * res) + (2 * max_w + 3 * res) + 3 * max_w + 3 * (2 * max_w + 1)
+
+
+@numba.njit(cache=True, fastmath=False)
+def _triangle_taps(ssize, dsize, k, first, wts):
+    """Antialiased bilinear weights of an ssize -> dsize resize, as torch's interpolate(
+    mode='bilinear', antialias=True, align_corners=False) computes them: output d, centred at
+    scale (d + 1/2) in source pixels, takes sources [x0, x1) with weights max(0, 1 - |x + 1/2 -
+    centre| / support), support = max(1, scale), normalised to sum 1. Stored as output d = sum_t
+    wts[d k + t] * input[first[d] + t], t < k (windows moved left where they would run past the
+    end; extra weights zero)."""
+    scale = ssize / dsize
+    support = scale if scale >= 1.0 else 1.0
+    for d in range(dsize):
+        centre = scale * (d + 0.5)
+        x0 = max(int(centre - support + 0.5), 0)
+        x1 = min(int(centre + support + 0.5), ssize)
+        base = max(min(x0, ssize - k), 0)
+        first[d] = base
+        for t in range(k):
+            wts[d * k + t] = 0.0
+        total = 0.0
+        for x in range(x0, x1):
+            total += max(0.0, 1.0 - abs(x + 0.5 - centre) / support)
+        for x in range(x0, x1):
+            wts[d * k + x - base] = np.float32(max(0.0, 1.0 - abs(x + 0.5 - centre) / support) / total)
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -939,18 +969,41 @@ def _area_taps(ssize, dsize, k, first, wts):
 
 @numba.njit(cache=True, fastmath=False)
 def _area_resize(img, i0, ch, j0, cw, out, scr, flip=False):
-    """Rows [i0, i0+ch) x cols [j0, j0+cw) of img (H, W, 3) uint8 -> out (th, tw, 3), area
-    interpolation; needs ch >= th, cw >= tw and area_scratch_size floats of scr. Per output row:
-    the weighted sum of its source rows in float32 (vectorised), then the weighted columns.
-    flip: write the columns mirrored (a horizontal flip at no cost)."""
+    """Rows [i0, i0+ch) x cols [j0, j0+cw) of img (H, W, 3) uint8 -> out (th, tw, 3), OpenCV's
+    INTER_AREA; needs ch >= th, cw >= tw and area_scratch_size floats of scr. flip: write the
+    columns mirrored (a horizontal flip at no cost)."""
+    _sep_resize(img, i0, ch, j0, cw, out, scr, flip, False)
+
+
+@numba.njit(cache=True, fastmath=False)
+def _bilinear_resize(img, i0, ch, j0, cw, out, scr, flip=False):
+    """_area_resize with torchvision's antialiased bilinear weights (any crop size, growing or
+    shrinking along either axis); the same arguments."""
+    _sep_resize(img, i0, ch, j0, cw, out, scr, flip, True)
+
+
+@numba.njit(cache=True, fastmath=False)
+def _sep_resize(img, i0, ch, j0, cw, out, scr, flip, triangle):
+    """The separable resize of a crop: per output row, the weighted sum of its source rows in
+    float32 (vectorised), then the weighted columns, rounded half up to uint8. triangle: the
+    weights of _triangle_taps, else _area_taps (which need a shrink along both axes)."""
     th, tw = out.shape[0], out.shape[1]
-    ky, kx = (ch + th - 1) // th + 1, (cw + tw - 1) // tw + 1
+    if triangle:
+        ky, kx = 2 * ((ch + th - 1) // th) + 1, 2 * ((cw + tw - 1) // tw) + 1
+    else:
+        ky, kx = (ch + th - 1) // th + 1, (cw + tw - 1) // tw + 1
     fy, fx = np.empty(th, np.int64), np.empty(tw, np.int64)
     wy, wx = scr[:th * ky], scr[th * ky:th * ky + tw * kx]
     n3 = 3 * cw
-    row = scr[th * ky + tw * kx:th * ky + tw * kx + n3]
-    _area_taps(ch, th, ky, fy, wy)
-    _area_taps(cw, tw, kx, fx, wx)
+    # the source row, padded: a window of a crop narrower than kx reads past its end (weight 0)
+    row = scr[th * ky + tw * kx:th * ky + tw * kx + n3 + 3 * kx]
+    row[n3:] = 0.0
+    if triangle:
+        _triangle_taps(ch, th, ky, fy, wy)
+        _triangle_taps(cw, tw, kx, fx, wx)
+    else:
+        _area_taps(ch, th, ky, fy, wy)
+        _area_taps(cw, tw, kx, fx, wx)
     w3 = img.shape[1] * 3
     src = img.reshape(img.shape[0] * w3)
     o = out.reshape(th * tw * 3)
@@ -967,7 +1020,7 @@ def _area_resize(img, i0, ch, j0, cw, out, scr, flip=False):
                 for q in range(n3):
                     row[q] += wt * np.float32(rt[q])
         orow = o[dy * tw * 3:(dy + 1) * tw * 3]
-        if kx == 3:  # every shrink by 1-2x: three taps, unrolled (~2x faster than the loop)
+        if kx == 3:  # area shrinks by 1-2x, bilinear growth: three taps, unrolled (~2x faster)
             for dx in range(tw):
                 b = np.uint64(3 * fx[dx])  # unsigned: no wrap-around check
                 p = np.uint64(3 * (tw - 1 - dx) if flip else 3 * dx)
@@ -986,10 +1039,13 @@ def _area_resize(img, i0, ch, j0, cw, out, scr, flip=False):
 
 
 @numba.njit
-def _resize_crop(img, h, w, i, ch, j, cw, o, scr, flip):
-    """Rows [i, i+ch) x cols [j, j+cw) of img (h, w, 3) -> o, INTER_AREA: _area_resize where the
-    crop shrinks along both axes (mirrored there if flip), else libffcv's OpenCV call. Returns
-    whether a flip is still to be done."""
+def _resize_crop(img, h, w, i, ch, j, cw, o, scr, flip, bilinear):
+    """Rows [i, i+ch) x cols [j, j+cw) of img (h, w, 3) -> o. bilinear: _bilinear_resize (mirrored
+    there if flip); else INTER_AREA: _area_resize where the crop shrinks along both axes (mirrored
+    there if flip), libffcv's OpenCV call otherwise. Returns whether a flip is still to be done."""
+    if bilinear:
+        _bilinear_resize(img, i, ch, j, cw, o, scr, flip)
+        return False
     if ch >= o.shape[0] and cw >= o.shape[1]:
         _area_resize(img, i, ch, j, cw, o, scr, flip)
         return False
@@ -1013,8 +1069,10 @@ class DecodeViews(Operation):
     layout of stock FFCV, kept for benchmarks) cut exactly the crops of one V-view op.
     The epoch enters through a tiny int64 buffer that `SSLLoader` fills when an epoch's memory
     is allocated (global arrays are compile-time constants in numba, so it cannot be a global).
-    Crops are resized with INTER_AREA, as stock FFCV: by `_area_resize` where they shrink along
-    both axes (3.5-5x faster than libffcv's OpenCV call, within 1 grey level of it), else by libffcv.
+    interpolation: 'bilinear' (default) resizes crops as torchvision's RandomResizedCrop and
+    Resize (antialiased bilinear, `_bilinear_resize`); 'area' as stock FFCV (INTER_AREA: by
+    `_area_resize` where crops shrink along both axes, 3.5-5x faster than libffcv's OpenCV call and
+    within 1 grey level of it, else by libffcv; its upsampling is a box filter).
     Memory: like ffcv's own RandomResizedCrop decoder, a per-sample (max H * max W * 3) scratch
     buffer for JPEG/gray storage, times (batches_ahead + 2) * batch_size; plus float32 scratch
     for the colour ops and the resize (colour_scratch_size + area_scratch_size floats per sample;
@@ -1022,8 +1080,12 @@ class DecodeViews(Operation):
     """
     def __init__(self, res, num_views=1, mode='random', scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  flip_prob=0.5, center_ratio=1.0, seed=0, view_offset=0, small_views=0,
-                 small_res=96, small_scale=(0.05, 0.14), colour=None, threads=2):
+                 small_res=96, small_scale=(0.05, 0.14), colour=None, threads=2,
+                 interpolation='bilinear'):
         super().__init__()
+        if interpolation not in ('bilinear', 'area'):
+            raise ValueError(f"DecodeViews interpolation is 'bilinear' or 'area', not {interpolation!r}")
+        self.interpolation = interpolation
         if mode not in ('random', 'center'):
             raise ValueError(f"DecodeViews mode is 'random' or 'center', not {mode!r}")
         if small_views and mode != 'random':
@@ -1077,7 +1139,7 @@ class DecodeViews(Operation):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         V, offset, seed, res = self.num_views, self.view_offset, self.seed, self.res
         random_mode, flip_prob = self.mode == 'random', self.flip_prob
-        center_ratio = self.center_ratio
+        center_ratio, bilinear = self.center_ratio, self.interpolation == 'bilinear'
         smin, smax = float(self.scale[0]), float(self.scale[1])
         lrmin, lrmax = math.log(self.ratio[0]), math.log(self.ratio[1])
         gray = self._gray
@@ -1101,7 +1163,7 @@ class DecodeViews(Operation):
                     i, j, ch, cw = _center_box(h, w, center_ratio)
                 o = out[v]
                 flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
-                flip = _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:], flip)  # flip still to do?
+                flip = _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:], flip, bilinear)  # flip to do?
                 if has_colour:  # a flip the resize did not do rides on the colour ops
                     _apply_colour(o, cs, _colour_params(key, s, view, colour[v % n_types]), radius,
                                   flip)
@@ -1123,7 +1185,7 @@ class DecodeViews(Operation):
                 i, j, ch, cw = _rrc_box(key, s, view, h, w, ssmin, ssmax, lrmin, lrmax)
                 o = small[k]
                 flip = flip_prob > 0 and _uniform(key, s, view, _FLIP_DRAW) < flip_prob
-                flip = _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:], flip)  # flip still to do?
+                flip = _resize_crop(img, h, w, i, ch, j, cw, o, cs[c0:], flip, bilinear)  # flip to do?
                 if has_colour:  # view types restart at the first small view
                     _apply_colour(o, cs, _colour_params(key, s, view, colour[k % n_types]), radius,
                                   flip)
@@ -1731,7 +1793,7 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
                      seed=0, distributed=False, rank=0, world_size=1, device='cpu',
                      drop_last=True, scale=(0.08, 1.0), order='random', blur_prob=0.0,
                      noise_std=0.1, decode_once=True, indices=None, small_views=0, small_res=96,
-                     small_scale=(0.05, 0.14), colour='auto', norm_from=None):
+                     small_scale=(0.05, 0.14), colour='auto', norm_from=None, interpolation='bilinear'):
     """Multi-view SSL loader over a beton written by `write_beton` (see `SSLLoader`).
 
     batch_size: images per rank per batch (each with num_views views); res: output side;
@@ -1752,7 +1814,8 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     (random parameters per batch from a torch generator); 'auto' (default): 'torch' when
     `device` is a GPU, else 'decoder'. Both draw from the same distribution (SPEC §7).
     norm_from: beton whose sidecar mean/std normalise (the TRAIN beton when reading augmented
-    views of a test split); default: this beton's own.
+    views of a test split); default: this beton's own. interpolation: how crops are resized,
+    'bilinear' (torchvision's RandomResizedCrop, antialiased) or 'area' (stock FFCV; see DecodeViews).
     """
     info = beton_info(path)
     _check_common(info, res, channels, workers, batch_size)
@@ -1778,14 +1841,16 @@ def build_ssl_loader(path, batch_size, num_views, res, recipe='cifar', channels=
     if small_views and (recipe == 'noise' or not decode_once):
         raise ValueError("small (multi-crop) views need decode_once=True and a cropping recipe")
     if recipe == 'noise':
-        ops = [DecodeViews(res, 1, mode='center', flip_prob=0.0, seed=aug_seed)]
+        ops = [DecodeViews(res, 1, mode='center', flip_prob=0.0, seed=aug_seed,
+                           interpolation=interpolation)]
     elif decode_once:
         ops = [DecodeViews(res, num_views, scale=scale, seed=aug_seed, small_views=small_views,
                            small_res=small_res, small_scale=small_scale, colour=table,
-                           threads=workers)]
+                           threads=workers, interpolation=interpolation)]
     else:
         ops = [DecodeViews(res, 1, scale=scale, seed=aug_seed, view_offset=v, threads=workers,
-                           colour=None if table is None else np.roll(table, -v, axis=0))
+                           colour=None if table is None else np.roll(table, -v, axis=0),
+                           interpolation=interpolation)
                for v in range(num_views)]
     pipelines = {'image': PipelineSpec('image', decoder=ops[0], transforms=list(tail)),
                  'label': [IntDecoder()] + _image_pipeline_tail(device)}
@@ -1836,14 +1901,15 @@ class EvalLoader:
 
 
 def build_eval_loader(path, batch_size, res, channels=3, workers=2, device='cpu', rank=0,
-                      world_size=1, resize_ratio=None, norm_from=None, indices=None):
+                      world_size=1, resize_ratio=None, norm_from=None, indices=None, interpolation='bilinear'):
     """Evaluation loader (see `EvalLoader`): centred square of side resize_ratio * min(H, W),
     resized to res. resize_ratio None: 1.0 when all stored images have one size (CIFAR,
     STL-10, Fashion-MNIST, pre-resized sets: the whole image, identity at native res), else
     0.875 (variable-size ImageNet-style sets: the usual resize 256 -> centre crop 224).
     norm_from: beton whose sidecar mean/std normalise (pass the TRAIN beton when reading a
     test set, so both use the same statistics); default `path` itself. indices: evaluate only
-    these sample indices (in the given order; ranks get contiguous slices of it)."""
+    these sample indices (in the given order; ranks get contiguous slices of it). interpolation:
+    as build_ssl_loader's (torchvision's Resize: antialiased bilinear)."""
     info = beton_info(path)
     _check_common(info, res, channels, workers, batch_size)
     if not 0 <= rank < world_size:
@@ -1858,7 +1924,8 @@ def build_eval_loader(path, batch_size, res, channels=3, workers=2, device='cpu'
     if len(indices) == 0:
         raise ValueError(f"rank {rank} gets no samples: {len(subset)} samples "
                          f"over world_size {world_size}")
-    op = DecodeViews(res, 1, mode='center', flip_prob=0.0, center_ratio=resize_ratio)
+    op = DecodeViews(res, 1, mode='center', flip_prob=0.0, center_ratio=resize_ratio,
+                     interpolation=interpolation)
     pipelines = {'image': PipelineSpec('image', decoder=op,
                                        transforms=_image_pipeline_tail(device)),
                  'label': [IntDecoder()] + _image_pipeline_tail(device)}

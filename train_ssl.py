@@ -105,6 +105,10 @@ def get_args_parser():
                         'with a GPU); auto picks by device. Same distribution either way. (default: %(default)s)')
     g.add_argument('--crop_min_scale', type=float, default=0.08,
                    help='Lower bound of RandomResizedCrop\'s area scale. (default: %(default)s)')
+    g.add_argument('--interpolation', default='bilinear', choices=['bilinear', 'area'],
+                   help='How crops are resized: bilinear = torchvision\'s RandomResizedCrop (antialiased; '
+                        'SPEC §7); area = stock FFCV\'s INTER_AREA, whose upsampling (every CIFAR crop) '
+                        'is a box filter, nearest neighbour at integer factors. (default: %(default)s)')
     g.add_argument('--num_small_views', type=int, default=0,
                    help='Multi-crop: K extra small views per image of side --small_res (SwAV/DINO ImageNet: '
                         '6 x 96 px with --crop_min_scale 0.14), cut from the same decode; the model sees '
@@ -607,7 +611,7 @@ def main(args):
                                    distributed=world_size > 1, rank=rank, world_size=world_size, device=device,
                                    scale=(args.crop_min_scale, 1.0), small_views=args.num_small_views,
                                    small_res=args.small_res, small_scale=tuple(args.small_scale),
-                                   colour=args.colour_ops)
+                                   colour=args.colour_ops, interpolation=args.interpolation)
     ctx = {'device': device, 'world_size': world_size, 'amp': utils.autocast_ctx(args.dtype, device),
            'num_classes': num_classes, 'ckpt_path': ckpt_path, 'start_batch': start_batch, 'diag_views': None,
            'ctrl_group': utils.cpu_group() if world_size > 1 else None}
@@ -615,7 +619,7 @@ def main(args):
         diag = data.build_ssl_loader(args.val_path, args.diag_batch, args.num_views, args.res, recipe=args.recipe,
                                      channels=args.channels, workers=args.workers, seed=args.seed + 12345,
                                      device=device, drop_last=False, scale=(args.crop_min_scale, 1.0),
-                                     order='sequential', colour=args.colour_ops)
+                                     order='sequential', colour=args.colour_ops, interpolation=args.interpolation)
         ctx['diag_views'] = next(iter(diag))[0]
     if args.val_path and args.knn_every:
         ctx['knn_train'] = data.build_eval_loader(args.data_path, 512, args.res, channels=args.channels,

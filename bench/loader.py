@@ -69,6 +69,9 @@ def get_args_parser():
     p.add_argument('--decode', nargs='+', default=['once'], choices=['once', 'per_view'],
                    help='once: DecodeViews cuts all V views from one decode (default); '
                         'per_view: one re-decoding pipeline per view, as stock FFCV')
+    p.add_argument('--interpolation', default='bilinear', choices=['bilinear', 'area'],
+                   help="ffcv: how crops are resized: bilinear = torchvision's antialiased RandomResizedCrop "
+                        "(what the torchvision baseline does), area = stock FFCV's INTER_AREA (default bilinear)")
     p.add_argument('--workers', type=int, default=2, help='ffcv threads / DataLoader worker processes (default 2)')
     p.add_argument('--views', type=int, nargs='+', default=[2], help='views per image, one row each (default 2)')
     p.add_argument('--batch_size', type=int, default=256, help='images per batch (default 256)')
@@ -171,7 +174,7 @@ def time_ffcv(path, recipe, res, views, args, decode_once, colour):
     """FFCV path: (first-batch s, images/s wall, process CPU ms per image, all threads)."""
     ld = data.build_ssl_loader(path, args.batch_size, views, res, recipe=recipe,
                                workers=args.workers, device=args.device, decode_once=decode_once,
-                               colour=colour)
+                               colour=colour, interpolation=args.interpolation)
     sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
 
     def batches():
@@ -275,7 +278,7 @@ def main(args):
                     first, ips, cpu_ms = fn()
                     row = dict(dataset=name, recipe=recipe, loader=loader, decode=decode, colour=colour,
                                res=res, views=views, batch_size=args.batch_size, workers=args.workers,
-                               device=args.device, ffcv_only=args.ffcv_only,
+                               device=args.device, ffcv_only=args.ffcv_only, interpolation=args.interpolation,
                                torch_threads=torch.get_num_threads(), first_batch_s=round(first, 1),
                                images_per_s=round(ips, 1), views_per_s=round(ips * views, 1),
                                cpu_ms_per_image=round(cpu_ms, 3), load_avg=round(os.getloadavg()[0], 1))

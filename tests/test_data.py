@@ -435,10 +435,10 @@ def torchvision_boxes(h, w, n, scale=(0.08, 1.0), seed=0):
 
 
 def test_rrc_box_area_ratio_position_laws():
-    """_rrc_box where no draw is rejected (area <= 0.7 of a 2000 px square: area * ratio < 1), so
+    """_rrc_box where no try is rejected (area <= 0.7 of a 2000 px square: area * ratio < 1), so
     the laws show unconditioned: area fraction uniform on [smin, smax] (not its side), log aspect
     ratio uniform on [log 3/4, log 4/3] (not the ratio), top and left uniform over the valid
-    positions (not a corner, not the centre), all independent; no centre fallback."""
+    positions (not a corner, not the centre), all independent."""
     h = w = 2000
     n = 20000
     i, j, ch, cw = rrc_boxes(h, w, n, (0.08, 0.7)).T
@@ -651,13 +651,15 @@ def test_decoder_imagenet_types_by_view_index(betons, monkeypatch, decode_once):
 def test_decoder_flip_rate(betons):
     """Horizontal flip p 0.5, drawn per view (independently across an image's views) and applied
     in every decoder path: large and small (multi-crop) views without colour ops (as with
-    colour='torch', whose ViewAugment never flips), and views whose flip rides on the decoder's
-    colour pass. Seen in the outputs: the 'idx' images are ramps, so a view's mean left-right
+    colour='torch', whose ViewAugment never flips), and views with the decoder's colour ops;
+    with INTER_AREA resizing also the crops that grow (flipped by _flip_u8 / the colour pass, not
+    by the resize). Seen in the outputs: the 'idx' images are ramps, so a view's mean left-right
     step has the sign of its image's unless the view is mirrored (jitter/gray keep the sign)."""
     slope = np.diff(betons['idx_images'].astype(np.float64), axis=2).mean((1, 2))  # levels / px
     info = data.beton_info(betons['idx'])
-    runs = [dict(recipe='crop', num_views=4, small_views=4, small_res=8, epochs=3),
-            dict(recipe='cifar', colour='decoder', num_views=4, epochs=1)]
+    runs = [dict(recipe='crop', num_views=4, small_views=4, small_res=8, epochs=2),
+            dict(recipe='cifar', colour='decoder', num_views=4, epochs=2)]
+    runs += [dict(r, interpolation='area') for r in runs]  # bilinear flips inside the resize
     for kw in runs:
         _, epochs = ssl_batches(betons['idx'], channels=1, **kw)
         for g in range(2 if 'small_views' in kw else 1):
@@ -899,7 +901,8 @@ def test_view_augment_view_types_as_applied(T, V):
     x = 0.6 + 0.4 * torch.rand(6, V, 3, 5, 5, generator=torch.Generator().manual_seed(0))
     y = data.ViewAugment(specs)(x, torch.Generator().manual_seed(1))
     solarized = (y < 0.5).all(4).all(3).all(2)
-    gray = ((y[:, :, 0] == y[:, :, 1]) & (y[:, :, 1] == y[:, :, 2])).all(3).all(2) & (y >= 0.6).all(4).all(3).all(2)
+    gray = ((y[:, :, 0] == y[:, :, 1]) & (y[:, :, 1] == y[:, :, 2])).all(3).all(2)
+    gray &= (y >= 0.6).all(4).all(3).all(2)
     same = (y == x).all(4).all(3).all(2)
     kind = torch.stack([solarized, gray, same], -1)  # (B, V, 3): which of the 3 effects
     assert (kind.sum(-1) == 1).all()
@@ -1058,6 +1061,59 @@ def test_area_resize_matches_opencv_inter_area():
         data._area_resize(img, i, ch, j, cw, mirrored, scr, True)
         assert np.array_equal(mirrored, out[:, ::-1])
     assert diff <= 0.002 * total
+
+
+def test_bilinear_resize_matches_torchvision_resized_crop():
+    """The decoder's default crop resize is torchvision v2's resized_crop (antialiased bilinear, what
+    RandomResizedCrop does) on uint8 to within 1 grey level (its fixed-point weights round their own
+    way), and the same weights applied in float64 (written out below from torch's antialias rule;
+    torch's own float path, not its uint8 one, returns a constant column for some crops that shrink
+    31x along one axis and grow along the other) to within 1 grey level, rarely: crops that
+    grow (CIFAR), shrink (ImageNet-size storage) or both, down to 1 px wide crops and 1 px outputs;
+    flip=True writes the mirror image of the same output. (INTER_AREA's upsampling, which FFCV uses, is a box filter:
+    nearest neighbour at 2x, far from it; checked too.)"""
+    import cv2
+    import torchvision.transforms.v2.functional as TF
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8), (90, 70),
+                     interpolation=cv2.INTER_CUBIC)  # smooth, with edges (70 x 90)
+    chw = torch.from_numpy(img).permute(2, 0, 1)
+
+    def weights(s, n):  # (n, s): output o centred at scale (o + 1/2), triangle of half-width max(1, scale)
+        scale = s / n
+        support = max(scale, 1.0)
+        w = np.zeros((n, s))
+        for o in range(n):
+            c = scale * (o + 0.5)
+            x = np.arange(max(int(c - support + 0.5), 0), min(int(c + support + 0.5), s))
+            t = np.maximum(0.0, 1.0 - np.abs(x + 0.5 - c) / support)
+            w[o, x] = t / t.sum()
+        return w
+    cases = [(0, 16, 0, 16, 32, 32), (3, 40, 5, 40, 20, 20), (1, 31, 2, 27, 20, 20), (0, 70, 0, 90, 12, 12),
+             (10, 33, 7, 59, 40, 24), (5, 1, 4, 2, 9, 7), (2, 9, 3, 7, 1, 1)]
+    cases += [tuple(int(v) for v in (rng.integers(0, 30), rng.integers(1, 41), rng.integers(0, 40),
+                                     rng.integers(1, 51), rng.integers(1, 60), rng.integers(1, 60)))
+              for _ in range(60)]
+    diff = total = 0
+    for i, ch, j, cw, th, tw in cases:
+        out = np.zeros((th, tw, 3), np.uint8)
+        scr = np.full(data.area_scratch_size(max(th, tw), 70, 90), np.nan, np.float32)
+        data._bilinear_resize(img, i, ch, j, cw, out, scr)
+        ref = TF.resized_crop(chw, i, j, ch, cw, [th, tw], antialias=True).permute(1, 2, 0).numpy()
+        assert np.abs(out.astype(int) - ref).max() <= 1, (i, ch, j, cw, th, tw)
+        exact = np.einsum('ys,stc,xt->yxc', weights(ch, th), img[i:i + ch, j:j + cw].astype(np.float64),
+                          weights(cw, tw))
+        d = np.abs(out - np.floor(exact + 0.5))
+        assert d.max() <= 1, (i, ch, j, cw, th, tw)
+        diff, total = diff + (d > 0).sum(), total + d.size
+        mirrored = np.zeros_like(out)
+        data._bilinear_resize(img, i, ch, j, cw, mirrored, scr, True)
+        assert np.array_equal(mirrored, out[:, ::-1])
+    assert diff <= 0.005 * total
+    area = np.zeros((32, 32, 3), np.uint8)
+    data._resize_crop(img, 70, 90, 0, 16, 0, 16, area, np.empty(data.area_scratch_size(32, 70, 90), np.float32),
+                      False, False)
+    assert np.array_equal(area, np.repeat(np.repeat(img[:16, :16], 2, 0), 2, 1))  # FFCV's 2x: nearest
 
 
 def test_colour_ops_match_torchvision():
