@@ -12,6 +12,7 @@ crops that shrink along both axes), and how far apart the two resizes' outputs a
 
     git show e3c9eca:data.py > /tmp/data_before.py
     .venv/bin/python bench/decoder_ops.py --against /tmp/data_before.py   # A/B of two data.py
+    .venv/bin/python bench/decoder_ops.py --interpolation                # bilinear vs area crop resize
 
 --against: time the whole per-view colour stage (`_apply_colour`) of this data.py and of another
 one side by side, alternating between the two every round (single timings on a shared machine
@@ -44,7 +45,37 @@ def get_args_parser():
                         'per-view colour stage of both, in alternating rounds, and print how far apart '
                         'their pixels are, instead of the per-op table')
     p.add_argument('--rounds', type=int, default=15, help='--against: alternating rounds per row; the minimum over them is reported (default 15)')
+    p.add_argument('--interpolation', action='store_true',
+                   help='instead of the per-op table: the crop resize of RandomResizedCrop boxes (scale '
+                        '0.08-1) of each --stored image to --res, bilinear (torchvision\'s, the default) '
+                        'against area (stock FFCV\'s), the two alternating --rounds times (minimum kept)')
     return p
+
+
+def interpolation(args):
+    """ms per view of data._resize_crop over the same 200 RandomResizedCrop boxes, both kinds of
+    weights, alternating rounds; a smooth image (the resize does not branch on content)."""
+    rng = np.random.default_rng(0)
+    out = np.zeros((args.res, args.res, 3), np.uint8)
+    print(f'| ms per {args.res} px view, 1 thread, 200 RandomResizedCrop boxes (scale 0.08-1), minimum of '
+          f'{args.rounds} alternating rounds | bilinear (default) | area (FFCV) |')
+    print('|---|---|---|')
+    for side in args.stored:
+        small = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+        img = np.ascontiguousarray(np.kron(small, np.ones((8, 8, 1), np.uint8)))
+        boxes = [data._rrc_box(np.uint64(7), s, 0, side, side, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3))
+                 for s in range(200)]
+        scr = np.empty(data.area_scratch_size(args.res, side, side), np.float32)
+        best = {True: float('inf'), False: float('inf')}
+        for _ in range(args.rounds):
+            for bilinear in (True, False):
+                i, j, ch, cw = boxes[0]
+                data._resize_crop(img, side, side, i, ch, j, cw, out, scr, False, bilinear)  # compiled
+                t0 = time.perf_counter()
+                for i, j, ch, cw in boxes:
+                    data._resize_crop(img, side, side, i, ch, j, cw, out, scr, False, bilinear)
+                best[bilinear] = min(best[bilinear], (time.perf_counter() - t0) / len(boxes) * 1e3)
+        print(f'| {side} px image | {best[True]:.3f} | {best[False]:.3f} |')
 
 
 def _load_copy(path):
@@ -218,4 +249,4 @@ def main(args):
 
 if __name__ == '__main__':
     a = get_args_parser().parse_args()
-    against(a) if a.against else main(a)
+    against(a) if a.against else (interpolation(a) if a.interpolation else main(a))
