@@ -12,3 +12,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 torch.set_num_threads(2)
+
+
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks():
+    """Stages run in-process here; one that exits through a clear error (SystemExit) keeps its
+    world-size-1 process group, which the next test that makes its own would trip over."""
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
