@@ -1,34 +1,83 @@
 """Backbones, projector / predictor heads and the SSL model wrapper.
 
-Backbones are torchvision ResNets (same module names, so `backbone.pth` loads into
+Backbones are torchvision's ResNets (same module names, so `backbone.pth` loads into
 `torchvision.models.resnet50()` with only `fc.*` missing) with two research knobs: a CIFAR stem
 (3x3 stride-1 conv, no max-pool; what every CIFAR SSL recipe uses) and a base width (64 =
 torchvision; 8 or 16 gives the narrow nets that train on a CPU in tests and the demo).
 """
 import torch
 import torch.nn as nn
-import torchvision.models.resnet as tvr
 
 # ---- backbones ---------------------------------------------------------------------------------
 
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock (same names and init order): two 3x3 convs, stride on the first."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def residual_bn(self):
+        return self.bn2
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (ResNet v1.5: the stride on the 3x3 conv), same names."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def residual_bn(self):
+        return self.bn3
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
 ARCHS = {
-    'resnet18': (tvr.BasicBlock, [2, 2, 2, 2]),
-    'resnet34': (tvr.BasicBlock, [3, 4, 6, 3]),
-    'resnet50': (tvr.Bottleneck, [3, 4, 6, 3]),
+    'resnet18': (BasicBlock, [2, 2, 2, 2]),
+    'resnet34': (BasicBlock, [3, 4, 6, 3]),
+    'resnet50': (Bottleneck, [3, 4, 6, 3]),
 }
 
 
-class ResNet(tvr.ResNet):
-    """torchvision's ResNet with a configurable stem, width and input channels; `fc` is Identity,
-    so forward() returns the pooled features of size `num_features`."""
+class ResNet(nn.Module):
+    """torchvision's ResNet (module names, init, and so the weights of a seed, are the same) with a
+    configurable stem, width and input channels; `fc` is Identity, so forward() returns the pooled
+    features of size `num_features`. Written out here rather than imported: `import torchvision`
+    pulls in torch._dynamo and costs every stage ~2.5 s of start-up on a 2-core machine."""
 
     def __init__(self, arch='resnet18', cifar_stem=False, width=64, in_chans=3, zero_init_residual=True):
         if arch not in ARCHS:
             raise ValueError(f"models: unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
-        nn.Module.__init__(self)  # tvr.ResNet.__init__ hard-codes width 64 and the 7x7 stem
+        super().__init__()
         block, layers = ARCHS[arch]
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
+        self.inplanes = width
         if cifar_stem:
             self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
@@ -52,9 +101,23 @@ class ResNet(tvr.ResNet):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:  # each block starts as identity: the usual SSL/ImageNet default
             for m in self.modules():
-                last = getattr(m, 'bn3', None) if isinstance(m, tvr.Bottleneck) else getattr(m, 'bn2', None)
-                if isinstance(m, (tvr.Bottleneck, tvr.BasicBlock)):
-                    nn.init.zeros_(last.weight)
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.residual_bn().weight)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def build_backbone(arch='resnet18', cifar_stem=False, width=64, in_chans=3):

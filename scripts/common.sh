@@ -7,7 +7,7 @@ NPROC=${NPROC:-1}
 DATA=${DATA:-data}
 OUT=${OUT:-runs}
 PY=${PY:-.venv/bin/python}
-# torchrun from the venv's torch; tests set RUN to a flag checker (tests/check_flags.py)
+# torchrun from the venv's torch; tests set RUN to a recorder of the command line (tests/test_scripts.py)
 RUN=${RUN:-"$PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC"}
 CIFAR10="--data_path $DATA/cifar10_train.beton --val_path $DATA/cifar10_test.beton --arch resnet18 --cifar_stem 1"
 IN100="--data_path $DATA/in100_train.beton --val_path $DATA/in100_val.beton --arch resnet50 --cifar_stem 0 --res 224"

@@ -756,7 +756,8 @@ for name, path in json.loads(sys.argv[2]).items():
     out[name + '_mc'] = [(v, y) for v, y in ld]
     for ch in (1, 3):  # eval loader: the fused uint8 -> normalised input kernel, both channel modes
         out[name + f'_eval{ch}'] = [x for x, _, _ in data.build_eval_loader(path, 16, 12, channels=ch)]
-out['float_ops'] = {k: torch.from_numpy(v) for k, v in float_ops(data).items()}  # as the pipelines compiled them
+if sys.argv[4] == '1':  # as the pipelines compiled them
+    out['float_ops'] = {k: torch.from_numpy(v) for k, v in float_ops(data).items()}
 torch.save(out, sys.argv[3])
 '''
 
@@ -767,25 +768,35 @@ def test_numba_compiled_pipeline_matches_python(betons, tmp_path):
     the pixels). Runs in a subprocess with the JIT on (tests/conftest.py turns it off here) and
     an empty numba cache, so the helpers are compiled inside ffcv's fastmath pipeline, which they
     would inherit without their explicit fastmath=False (their float32 results then differ from
-    Python's in the last bits, and a cached copy made elsewhere would differ again); ~15-40 s."""
+    Python's in the last bits, and a cached copy made elsewhere would differ again); 1-2 min."""
     paths = {'idx_jpg': betons['idx_jpg'], 'idx': betons['idx']}  # RGB (JPEG) and gray decoders
-    env = {k: v for k, v in os.environ.items() if k != 'NUMBA_DISABLE_JIT'}
-    env['NUMBA_CACHE_DIR'] = str(tmp_path / 'numba_cache')
-    r = subprocess.run([sys.executable, '-c', JIT_RUN, str(ROOT), json.dumps(paths),
-                        str(tmp_path / 'jit.pt')], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    jit = torch.load(tmp_path / 'jit.pt')
+    procs = []  # one process per decoder, each with its own empty cache: both cores compile at once
+    for i, (k, path) in enumerate(paths.items()):
+        env = {k: v for k, v in os.environ.items() if k != 'NUMBA_DISABLE_JIT'}
+        env['NUMBA_CACHE_DIR'] = str(tmp_path / f'numba_cache_{k}')
+        with open(tmp_path / f'err_{k}', 'w') as err:
+            procs.append(subprocess.Popen([sys.executable, '-c', JIT_RUN, str(ROOT), json.dumps({k: path}),
+                                           str(tmp_path / f'jit_{k}.pt'), str(int(i == 0))], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=err))
+    refs = {}  # the plain-Python batches, made here while they compile
     for k, path in paths.items():
-        _, (ref,) = ssl_batches(path, recipe='imagenet', num_views=3)
-        assert len(jit[k]) == len(ref) == N_IDX // 8
-        for (va, ya), (vb, yb) in zip(ref, jit[k]):
+        refs[k] = ssl_batches(path, recipe='imagenet', num_views=3)[1][0]
+        refs[k + '_mc'] = ssl_batches(path, recipe='imagenet', num_views=2, small_views=2, small_res=6)[1][0]
+        for ch in (1, 3):
+            refs[k + f'_eval{ch}'] = [x for x, _, _ in data.build_eval_loader(path, 16, 12, channels=ch)]
+    jit = {}
+    for (k, _), p in zip(paths.items(), procs):
+        p.wait(timeout=600)
+        assert p.returncode == 0, (tmp_path / f'err_{k}').read_text()[-3000:]
+        jit.update(torch.load(tmp_path / f'jit_{k}.pt'))
+    for k in paths:
+        assert len(jit[k]) == len(refs[k]) == N_IDX // 8
+        for (va, ya), (vb, yb) in zip(refs[k], jit[k]):
             assert torch.equal(va, vb) and torch.equal(ya, yb)
-        _, (ref,) = ssl_batches(path, recipe='imagenet', num_views=2, small_views=2, small_res=6)
-        for (va, ya), (vb, yb) in zip(ref, jit[k + '_mc']):  # multi-crop: flat two-size buffer
+        for (va, ya), (vb, yb) in zip(refs[k + '_mc'], jit[k + '_mc']):  # multi-crop: flat two-size buffer
             assert all(torch.equal(a, b) for a, b in zip(va, vb)) and torch.equal(ya, yb)
         for ch in (1, 3):
-            ref = [x for x, _, _ in data.build_eval_loader(path, 16, 12, channels=ch)]
+            ref = refs[k + f'_eval{ch}']
             assert len(ref) == len(jit[k + f'_eval{ch}'])
             assert all(torch.equal(a, b) for a, b in zip(ref, jit[k + f'_eval{ch}']))
     ref = float_ops(data)

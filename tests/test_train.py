@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,14 +137,21 @@ def test_sigterm_on_last_step_of_epoch_resumes(betons, tmp_path):
     assert [r['epoch'] for r in read_log(out)][-2:] == [0, 1]
 
 
+@pytest.fixture(scope='module')
+def one_epoch_run(betons, tmp_path_factory):
+    out = tmp_path_factory.mktemp('one_epoch') / 'ssl'
+    run(ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--diag_batch', '0']))
+    return out
+
+
 @pytest.mark.parametrize('flags,message', [
     (['--loss', 'nope'], 'unknown --loss'),
     (['--data_path', '/nonexistent/x.beton'], 'x.beton'),
     (['--blr', '0.3'], 'different hyper-parameters'),
 ])
-def test_bad_input_is_one_clear_line(betons, tmp_path, flags, message):
+def test_bad_input_is_one_clear_line(betons, one_epoch_run, tmp_path, flags, message):
     out = tmp_path / 'ssl'
-    run(ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--diag_batch', '0']))
+    shutil.copytree(one_epoch_run, out)
     before = os.path.getmtime(out / 'checkpoint.pth')
     p = run(ssl_cmd(betons, out, epochs=1, extra=['--knn_every', '0', '--diag_batch', '0'] + flags), check=False)
     assert p.returncode != 0 and message in p.stderr
