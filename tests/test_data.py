@@ -770,10 +770,10 @@ def test_numba_compiled_pipeline_matches_python(betons, tmp_path):
     would inherit without their explicit fastmath=False (their float32 results then differ from
     Python's in the last bits, and a cached copy made elsewhere would differ again); 1-2 min."""
     paths = {'idx_jpg': betons['idx_jpg'], 'idx': betons['idx']}  # RGB (JPEG) and gray decoders
+    jit_env = {name: v for name, v in os.environ.items() if name != 'NUMBA_DISABLE_JIT'}
     procs = []  # one process per decoder, each with its own empty cache: both cores compile at once
     for i, (k, path) in enumerate(paths.items()):
-        env = {k: v for k, v in os.environ.items() if k != 'NUMBA_DISABLE_JIT'}
-        env['NUMBA_CACHE_DIR'] = str(tmp_path / f'numba_cache_{k}')
+        env = {**jit_env, 'NUMBA_CACHE_DIR': str(tmp_path / f'numba_cache_{k}')}
         with open(tmp_path / f'err_{k}', 'w') as err:
             procs.append(subprocess.Popen([sys.executable, '-c', JIT_RUN, str(ROOT), json.dumps({k: path}),
                                            str(tmp_path / f'jit_{k}.pt'), str(int(i == 0))], env=env,

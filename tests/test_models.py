@@ -1,10 +1,13 @@
 """models.py: shapes, torchvision key compatibility, heads."""
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
 
+from conftest import ROOT
 from models import MLP, ResNet, SSLModel, build_model, parse_dims
 
 
@@ -98,10 +101,7 @@ def test_stages_start_without_torchvision():
     """models.py writes torchvision's ResNet out: `import torchvision` pulls in torch._dynamo and
     cost every stage (and every CLI test) ~2.5 s of start-up here. Same weights for a seed as the
     torchvision subclass it replaces (checked when it was written); the key test above holds."""
-    import subprocess
-    import sys
     code = ("import sys, train_ssl, train_linear, train_semisl, eval_knn, train_cluster, eval_cluster, "
             "eval_geometry; print([m for m in ('torchvision', 'torch._dynamo') if m in sys.modules])")
-    from conftest import ROOT
     p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == '[]', p.stdout + p.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Every recipe in scripts/ parses with train_ssl.py's flags and passes its checks."""
 import glob
+import importlib
 import os
 import subprocess
 import sys
@@ -20,7 +21,6 @@ def test_there_are_recipes():
 def test_recipe_flags_are_valid(path, tmp_path):
     """The recipe runs with $RUN set to a recorder of its command lines; each stage's parser and
     up-front checks then run on them here, in this process (a python per recipe cost ~7 s each)."""
-    import importlib
     rec = tmp_path / 'calls'
     rec.mkdir()
     fake = tmp_path / 'run'
